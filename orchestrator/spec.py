@@ -1,0 +1,302 @@
+"""The job spec: one YAML file per job, validated by pydantic, the single source of truth.
+
+Every other part of forge reads a ``JobSpec``; nothing re-parses the YAML. Errors name the file,
+the line, the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import SpecError
+
+PRESETS = ("neox-tiny",)
+EOT = "<|endoftext|>"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Model):
+    base: str = Field(
+        "neox-tiny",
+        description="A preset (neox-tiny) or a Hugging Face model folder, local path or s3://.",
+    )
+    tokenizer_vocab_size: int = Field(
+        1024, ge=256, le=65536, description="Presets only: vocabulary of the tokenizer trained on the data."
+    )
+
+    @property
+    def is_preset(self) -> bool:
+        return self.base in PRESETS
+
+
+class DatasetSpec(_Model):
+    train: str = Field(description="Training JSONL: one {\"prompt\", \"completion\"} per line.")
+    validation: str | None = Field(None, description="Validation JSONL; if absent, a split of train.")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+
+
+class TrainingSpec(_Model):
+    epochs: int | None = Field(None, ge=1, le=100, description="Default: from the dataset-size table.")
+    learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    micro_batch_size: int = Field(4, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    max_seq_length: int = Field(2048, ge=8, le=131072)
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPUs."
+    )
+    gradient_clipping: float = Field(1.0, ge=0.0)
+    seed: int = 42
+
+
+class CheckpointSpec(_Model):
+    count: int = Field(5, ge=1, le=15, description="Checkpoints evenly spaced over the run.")
+    best_metric: Literal["eval_loss", "test_accuracy"] = Field(
+        "eval_loss", description="How the best checkpoint is chosen."
+    )
+
+
+class TestPrompt(_Model):
+    prompt: str
+    temperature: float = Field(0.7, gt=0.0, le=5.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=1000, description="0 disables top-k filtering.")
+    length: int = Field(64, ge=1, description="Maximum new tokens (at most 500).")
+    stop_sequences: list[str] = Field(default_factory=list)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    expected: str | None = Field(
+        None, description="Optional expected completion: checkpoints report exact-match accuracy."
+    )
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _no_zero_temperature(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and v == 0:
+            raise ValueError(
+                "temperature 0 is not allowed; for greedy output use temperature 0.01 or top_k 1"
+            )
+        return v
+
+    @field_validator("length")
+    @classmethod
+    def _length_cap(cls, v: int) -> int:
+        if v > 500:
+            raise ValueError(
+                f"length {v} is over the limit of 500 new tokens; test prompts are for comparing "
+                "checkpoints, use a shorter length"
+            )
+        return v
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop sequences must not be empty strings")
+        return v
+
+
+class ResourcesSpec(_Model):
+    num_workers: int = Field(2, ge=1, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1: no limit).")
+
+
+class JobSpec(_Model):
+    name: str = Field(description="Job name: letters, digits, '-', '_' and '.'; names the job folder.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    dataset: DatasetSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    test_prompts: list[TestPrompt] = Field(min_length=1, max_length=15)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    storage: str = Field("./forge-runs", description="Local folder or s3://bucket/prefix.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError(
+                f"invalid job name {v!r}: use 1-100 letters, digits, '-', '_' or '.', starting "
+                "with a letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> JobSpec:
+        if self.checkpoints.best_metric == "test_accuracy" and not any(
+            p.expected is not None for p in self.test_prompts
+        ):
+            raise ValueError(
+                "checkpoints.best_metric test_accuracy needs test prompts with an 'expected' completion"
+            )
+        return self
+
+    # --- resolved views -------------------------------------------------------------------
+    @property
+    def job_uri(self) -> str:
+        from orchestrator import storage
+
+        return storage.join(storage.normalize(self.storage), "jobs", self.name)
+
+
+def recommended_epochs(size_bytes: int) -> int:
+    """The hosted workflow's table: <1 MB: 4; <10 MB: 3-4; <100 MB: 2-3; <500 MB: 1-2; larger: 1."""
+    mb = size_bytes / 1e6
+    if mb < 1:
+        return 4
+    if mb < 10:
+        return 3
+    if mb < 100:
+        return 2
+    return 1
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node on ``loc`` that exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+            if nxt is None:
+                return line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line
+
+
+def _describe(err: dict[str, Any]) -> str:
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    kind = err["type"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        return "unknown field (check the spelling; `forge spec show` lists every field)"
+    inp = err.get("input")
+    if kind not in ("value_error", "model_type", "dict_type") and not isinstance(inp, (dict, list)):
+        msg = f"{msg} (got {inp!r})"
+    return msg
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise SpecError("--set", [f"{assignment!r}: expected FIELD.PATH=VALUE"])
+    path, value = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node: Any = raw
+    for k in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+    last = keys[-1]
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(node, list):
+        node[int(last)] = parsed
+    else:
+        node[last] = parsed
+
+
+def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | None = None,
+               base_dir: str | None = None) -> JobSpec:
+    """Validate YAML text into a JobSpec; relative local paths resolve against ``base_dir``."""
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "unknown line"
+        raise SpecError(source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if raw is None:
+        raise SpecError(source, ["the file is empty; a job needs at least name, dataset and test_prompts"])
+    if not isinstance(raw, dict):
+        raise SpecError(source, [f"line 1: expected a mapping of fields, got {type(raw).__name__}"])
+    for o in overrides or []:
+        _apply_override(raw, o)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            line = _yaml_line(root, loc)
+            where = f"line {line}: " if line else ""
+            problems.append(f"{where}{field}: {_describe(err)}")
+        raise SpecError(source, problems) from None
+    if base_dir is not None:
+        _resolve_paths(spec, base_dir)
+    return spec
+
+
+def _resolve_paths(spec: JobSpec, base_dir: str) -> None:
+    def res(p: str) -> str:
+        if "://" in p or os.path.isabs(p):
+            return p
+        return str((Path(base_dir) / p).resolve())
+
+    spec.dataset.train = res(spec.dataset.train)
+    if spec.dataset.validation:
+        spec.dataset.validation = res(spec.dataset.validation)
+    if not spec.model.is_preset:
+        spec.model.base = res(spec.model.base)
+    # Storage is relative to where the user runs forge (./forge-runs by default), made absolute
+    # here because Ray workers run in other folders.
+    from orchestrator import storage
+
+    spec.storage = storage.normalize(spec.storage)
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None,
+              base_dir: str | None = None) -> JobSpec:
+    """Load a job YAML; relative data and model paths resolve against the YAML's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(str(path), ["file not found"])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), [f"not UTF-8 at byte {e.start}: save the file as UTF-8"]) from None
+    return parse_spec(text, str(path), overrides, base_dir=base_dir or str(p.parent))
+
+
+def resolved_epochs(spec: JobSpec) -> int:
+    """The spec's epochs, or the size table's recommendation for the training file."""
+    if spec.training.epochs is not None:
+        return spec.training.epochs
+    from orchestrator import storage
+
+    fs, path = storage.filesystem(spec.dataset.train)
+    size = fs.get_file_info(path).size or 0
+    return recommended_epochs(size)
+
+
+def resolved_dict(spec: JobSpec) -> dict[str, Any]:
+    """The spec with every default filled in (and epochs resolved where the data is readable)."""
+    data = spec.model_dump(mode="json")
+    try:
+        data["training"]["epochs"] = resolved_epochs(spec)
+    except OSError:
+        pass
+    return data
