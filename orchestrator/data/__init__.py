@@ -1,0 +1,1 @@
+"""Datasets: reading prompt/completion JSONL with line-numbered errors, tokenization, preparation."""
