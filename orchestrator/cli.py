@@ -130,6 +130,14 @@ def _default_name(path: str, ckpt_uri: str) -> str:
 
 
 def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
     try:
         app()
     except ForgeError as e:

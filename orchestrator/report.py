@@ -18,6 +18,8 @@ def checkpoint_tables(ckpts: list[CheckpointInfo], best_metric: str = "eval_loss
                       console: Console | None = None) -> None:
     """Print the checkpoint index and the test prompts' completions at every checkpoint."""
     console = console or Console()
+    if not console.is_terminal:  # logs and CI: wide enough for the side-by-side table
+        console = Console(width=max(console.width, 160), file=console.file)
     if not ckpts:
         console.print("no committed checkpoints")
         return
@@ -37,18 +39,34 @@ def checkpoint_tables(ckpts: list[CheckpointInfo], best_metric: str = "eval_loss
     prompts = ckpts[-1].meta.get("test_prompts", [])
     if not prompts:
         return
-    table = Table(title="Test prompts at each checkpoint", title_justify="left", show_lines=True)
-    table.add_column("prompt", overflow="fold", max_width=40)
-    if any(p.get("expected") is not None for p in prompts):
+    table = Table(title="Test prompts at each checkpoint", title_justify="left")
+    table.add_column("prompt", no_wrap=True, max_width=48, overflow="ellipsis")
+    with_expected = any(p.get("expected") is not None for p in prompts)
+    if with_expected:
         table.add_column("expected", overflow="fold")
     for c in ckpts:
-        table.add_column(f"#{c.index} (step {c.step})", overflow="fold")
+        table.add_column(f"#{c.index} step {c.step}", overflow="fold")
     for i, p in enumerate(prompts):
-        row = [p["prompt"]]
-        if len(table.columns) - len(ckpts) == 2:
-            row.append(repr(p.get("expected")) if p.get("expected") is not None else "")
+        row = [_one_line(p["prompt"])]
+        if with_expected:
+            row.append(_one_line(p["expected"]) if p.get("expected") is not None else "")
         for c in ckpts:
             done = c.meta.get("test_prompts", [])
-            row.append(repr(done[i]["completion"]) if i < len(done) else "-")
+            row.append(_cell(done[i]) if i < len(done) else "-")
         table.add_row(*row)
     console.print(table)
+
+
+def _one_line(text: str) -> str:
+    """Text in one cell: newlines shown as \\n, leading/trailing spaces kept visible by quotes."""
+    shown = text.replace("\n", "\\n")
+    return f"'{shown}'" if shown != shown.strip() else shown
+
+
+def _cell(done: dict) -> str:
+    text = _one_line(done["completion"])
+    if done.get("expected") is None:
+        return text
+    from orchestrator.train.evaluation import exact_match
+
+    return f"{text} {'✓' if exact_match(done['completion'], done['expected']) else '✗'}"

@@ -180,6 +180,6 @@ def _print_progress(e: dict[str, Any], cfg: dict[str, Any], elapsed: float) -> N
 
 
 def say(msg: str) -> None:
-    """A progress line on the driver's console (an explicit file bypasses Ray Train's print patch,
-    which would otherwise echo every line twice)."""
-    print(msg, file=sys.stdout, flush=True)
+    """A progress line on the driver's console, written straight to the worker's stdout: Ray
+    Train's print patch would otherwise echo every line twice."""
+    os.write(sys.__stdout__.fileno(), (msg + "\n").encode())

@@ -78,8 +78,12 @@ def build_trainer(spec: JobSpec, loop_config: dict[str, Any], train_uri: str):
     from ray.train.torch import TorchTrainer
 
     r = spec.resources
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # forge prints its own progress
+    ctx.print_on_execution_start = False
     fs, path = storage.filesystem(train_uri)
-    train_ds = ray.data.read_parquet(path, filesystem=fs)
+    # Read once into the object store: every epoch then streams blocks, not files.
+    train_ds = ray.data.read_parquet(path, filesystem=fs).materialize()
     storage_path, storage_fs = storage.ray_storage(storage.join(spec.storage, "jobs"))
     return TorchTrainer(
         train_loop_per_worker,
