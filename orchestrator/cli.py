@@ -141,7 +141,7 @@ def main() -> None:
     try:
         app()
     except ForgeError as e:
-        err.print(f"error: {e}", style="red", highlight=False, markup=False)
+        err.print(f"error: {e}", style="red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted", style="red")

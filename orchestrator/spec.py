@@ -6,6 +6,7 @@ the line, the field path and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -206,10 +207,7 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
     keys = path.strip().split(".")
     node: Any = raw
     for k in keys[:-1]:
-        if isinstance(node, list):
-            node = node[int(k)]
-        else:
-            node = node.setdefault(k, {})
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
     last = keys[-1]
     parsed = yaml.safe_load(value) if value.strip() else None
     if isinstance(node, list):
@@ -295,8 +293,6 @@ def resolved_epochs(spec: JobSpec) -> int:
 def resolved_dict(spec: JobSpec) -> dict[str, Any]:
     """The spec with every default filled in (and epochs resolved where the data is readable)."""
     data = spec.model_dump(mode="json")
-    try:
+    with contextlib.suppress(OSError):
         data["training"]["epochs"] = resolved_epochs(spec)
-    except OSError:
-        pass
     return data

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import EXAMPLES
+
 from orchestrator import checkpoints, storage
 from orchestrator.spec import load_spec
 
@@ -85,13 +85,13 @@ def test_consolidated_model_equals_zero_state(trained_job):
     """The HF folder holds exactly the weights in the ZeRO-3 shards (fp32 run)."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     spec, _ = trained_job
     last = checkpoints.list_checkpoints(spec.job_uri)[-1]
     from_zero = get_fp32_state_dict_from_zero_checkpoint(storage.join(last.uri, "zero"), tag="state")
-    saved = load_file(storage.join(last.uri, "model", "model.safetensors"))
-    assert set(saved) <= set(from_zero)
+    saved = AutoModelForCausalLM.from_pretrained(last.model_uri).state_dict()
+    assert set(saved) == set(from_zero)
     for k, v in saved.items():
         torch.testing.assert_close(v, from_zero[k], rtol=0, atol=0)
 

@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 import tempfile
-import warnings
 import time
+import warnings
 from functools import partial
 from typing import Any
 
