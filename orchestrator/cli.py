@@ -107,26 +107,14 @@ def serve(
     checkpoint: Annotated[str, typer.Option(help="best, latest, a 1-based index or a checkpoint name")] = "best",
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")] = None,
 ) -> None:
     """Serve a checkpoint on Ray Serve: POST /v1/models/<name>/complete (bearer tokens from FORGE_API_KEYS)."""
-    from orchestrator.checkpoints import resolve
-    from serve.app import run
+    from serve.app import resolve_target, run
 
-    ckpt = resolve(path, checkpoint)
-    name = name or _default_name(path, ckpt.uri)
-    if not os.environ.get("FORGE_API_KEYS"):
-        raise ForgeError("set FORGE_API_KEYS to one or more comma-separated bearer tokens before serving")
-    console.print(f"serving {ckpt.uri} as [bold]{name}[/bold] at http://{host}:{port}/v1/models/{name}/complete")
-    run(ckpt.uri, name=name, port=port, host=host, blocking=True)
-
-
-def _default_name(path: str, ckpt_uri: str) -> str:
-    from orchestrator import checkpoints, storage
-
-    p = storage.normalize(path).rstrip("/")
-    if p == ckpt_uri.rstrip("/"):  # a checkpoint folder: name it after its job folder
-        p = p.rsplit("/", 1)[0] if p.rsplit("/", 1)[-1].startswith(checkpoints.PREFIX) else p
-    return p.rsplit("/", 1)[-1]
+    ckpt, name = resolve_target(path, checkpoint, name)
+    console.print(f"serving {ckpt.uri} as [bold]{name}[/bold]")
+    run(ckpt.uri, name=name, port=port, host=host, blocking=True, address=address)
 
 
 def main() -> None:

@@ -58,11 +58,17 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
+def prompt_text(prompt: str) -> str:
+    """The text the model is conditioned on. An empty prompt (open-ended generation) becomes
+    ``<|endoftext|>``: GPT-NeoX documents start after it, and training prepends it the same way."""
+    return prompt or EOT
+
+
 def complete(model, tokenizer, prompt: str, s: Sampling, synced_gpus: bool = False) -> str:
     """One completion of ``prompt`` (the prompt text exactly as in training, no extra tokens)."""
     import torch
 
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    ids = tokenizer(prompt_text(prompt), return_tensors="pt").input_ids.to(model.device)
     with torch.no_grad():
         out = model.generate(
             ids,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from orchestrator import checkpoints, models, storage
-from orchestrator.generation import Sampling, complete
+from orchestrator.generation import Sampling, complete, prompt_text
 from serve.errors import ContextTooLong
 
 
@@ -76,8 +76,4 @@ class CompletionEngine:
             return [complete(self.model, self.tokenizer, prompt, sampling) for _ in range(n)]
 
     def _prompt(self, text: str) -> str:
-        # An empty prompt (open-ended generation) has no token to condition on; GPT-NeoX models
-        # start a document after <|endoftext|>, so that token stands in for it.
-        if text:
-            return text
-        return self.tokenizer.bos_token or self.tokenizer.eos_token or ""
+        return prompt_text(text)

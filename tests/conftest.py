@@ -21,7 +21,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     try:

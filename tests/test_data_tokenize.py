@@ -63,6 +63,14 @@ def test_padding_is_ignored_by_position_even_with_pad_equal_to_eos(tokenizer):
         assert labels[i, n - 1] == eos  # the real end of text: kept
 
 
+def test_empty_prompt_is_conditioned_on_end_of_text(tokenizer):
+    """Open-ended examples: the completion's first token is learned after <|endoftext|>, the
+    same context ``generation.complete`` gives an empty prompt at inference."""
+    row = tokenize_pair(tokenizer, "", " refund please<|endoftext|>")
+    assert row["input_ids"][0] == tokenizer.eos_token_id and row["labels"][0] == IGNORE
+    assert row["labels"][1:] == row["input_ids"][1:]
+
+
 def test_batch_and_single_tokenization_agree(tokenizer):
     prompts = ["Ticket: parcel late\nTeam:", "Ticket 7: refund please\nTeam:"]
     completions = [" Shipping<|endoftext|>", " Billing<|endoftext|>"]

@@ -12,26 +12,30 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.generation import prompt_text
+
 IGNORE = -100
 
 
 def tokenize_pair(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
     """input_ids and labels for one example; labels are IGNORE on every prompt-only token."""
-    enc = tokenizer(prompt + completion, return_offsets_mapping=True, add_special_tokens=False)
-    boundary = len(prompt)
-    ids = list(enc["input_ids"])
-    # A token ending after the boundary holds completion text: it must be predicted.
-    labels = [tok if end > boundary else IGNORE for tok, (_, end) in zip(ids, enc["offset_mapping"], strict=True)]
-    return {"input_ids": ids, "labels": labels}
+    batch = tokenize_batch(tokenizer, [prompt], [completion])
+    return {"input_ids": batch["input_ids"][0], "labels": batch["labels"][0]}
 
 
 def tokenize_batch(tokenizer, prompts: list[str], completions: list[str]) -> dict[str, list[list[int]]]:
-    """tokenize_pair over a batch, with one call into the fast tokenizer."""
+    """Tokenize each prompt + completion once, whole, with one call into the fast tokenizer.
+
+    An empty prompt (open-ended generation) is conditioned on ``<|endoftext|>``, as at inference
+    (``generation.prompt_text``), so the completion's first token is learned too.
+    """
+    prompts = [prompt_text(p) for p in prompts]
     texts = [p + c for p, c in zip(prompts, completions, strict=True)]
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False)
     all_labels = []
     for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"], strict=True):
         b = len(prompt)
+        # A token ending after the boundary holds completion text: it must be predicted.
         all_labels.append([t if end > b else IGNORE for t, (_, end) in zip(ids, offsets, strict=True)])
     return {"input_ids": [list(x) for x in enc["input_ids"]], "labels": all_labels}
 
