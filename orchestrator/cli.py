@@ -16,7 +16,7 @@ app = typer.Typer(help="forge: fine-tune GPT-NeoX-family models on Ray + DeepSpe
                   no_args_is_help=True, pretty_exceptions_enable=False)
 spec_app = typer.Typer(help="Inspect job specs.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set training.epochs=2")]

@@ -85,7 +85,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train.torch
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train_logs()
     spec = JobSpec.model_validate(cfg["spec"])
     t = spec.training
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins Ray Train's process group
@@ -161,6 +161,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 window_start = time.time()  # checkpoint time is not training throughput
         if micro < micro_per_epoch:
             raise RuntimeError(f"rank {rank} got {micro} micro-batches in epoch {epoch + 1}, expected {micro_per_epoch}")
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report at INFO (one of its loggers is named by file path); forge
+    prints its own progress, so keep only warnings."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def _sum_over_ranks(values: list[float], device) -> list[float]:
