@@ -136,15 +136,23 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> str:
 def local_copy(uri: str, cache_root: str | None = None) -> str:
     """A local folder holding ``uri``: the folder itself when local, else a cached download.
 
-    The cache key is the URI; a download lands in a temp folder and is renamed into place, so a
-    half-finished download is never taken for a whole one.
+    The cache key covers the URI and every object's path, size and modification time, so a
+    replaced object is fetched again. A download lands in a temp folder and is renamed into
+    place, so a half-finished download is never taken for a whole one.
     """
     if not is_s3(uri):
         return normalize(uri)
     import hashlib
+    import shutil
 
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    listing = sorted(f"{i.path}:{i.size}:{i.mtime_ns}" for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise FileNotFoundError(f"{uri}: nothing stored there")
+    key = hashlib.sha256("\n".join([uri, *listing]).encode()).hexdigest()[:24]
     root = Path(cache_root or os.environ.get("FORGE_CACHE", "~/.cache/forge")).expanduser()
-    dest = root / "objects" / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    dest = root / "objects" / key
     if dest.is_dir():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -153,8 +161,6 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
     try:
         os.replace(tmp, dest)
     except OSError:  # another process on this node won the race; keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,24 @@ EXAMPLES = REPO / "configs" / "examples"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 is moto's server on loopback, reached over real HTTP exactly as AWS would be. The endpoint
+# and test credentials are set before any Ray cluster starts so its workers inherit them.
+S3_PORT = _free_port()
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="forge-test",
+    AWS_SECRET_ACCESS_KEY="forge-test-secret",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_REGION="us-east-1",
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +54,45 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint); yields its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = os.environ["AWS_ENDPOINT_URL"]
+    deadline = time.time() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", S3_PORT), timeout=1):
+                break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto S3 server did not start") from None
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket; yields its s3:// URI."""
+    import re
+
+    import boto3
+
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"forge-{slug}-{next(_bucket_ids)}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

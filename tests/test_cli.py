@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import yaml
+
 from conftest import EXAMPLES
 
 

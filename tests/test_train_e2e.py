@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import EXAMPLES
 
+from conftest import EXAMPLES
 from orchestrator import checkpoints, storage
 from orchestrator.spec import load_spec
 
