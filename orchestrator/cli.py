@@ -10,12 +10,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from orchestrator.data.cli import data_app
 from orchestrator.errors import ForgeError
 
 app = typer.Typer(help="forge: fine-tune GPT-NeoX-family models on Ray + DeepSpeed and serve them.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 spec_app = typer.Typer(help="Inspect job specs.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
+app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
