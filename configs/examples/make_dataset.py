@@ -50,18 +50,19 @@ def make_examples(per_class: int, test_per_class: int, seed: int) -> tuple[list[
         rng.shuffle(combos)
         held_out = combos[:test_per_class]  # (subject, problem) pairs never seen in training
         seen = combos[test_per_class:]
-        for i in range(per_class):
-            subject, problem = seen[i % len(seen)]
-            train.append(_example(rng, subject, problem, label))
+        # every training ticket distinct: (opener, subject, problem) drawn without replacement
+        tickets = [(o, s, p) for o in OPENERS for s, p in seen]
+        for opener, subject, problem in rng.sample(tickets, per_class):
+            train.append(_example(opener, subject, problem, label))
         for subject, problem in held_out:
-            test.append(_example(rng, subject, problem, label))
+            test.append(_example(rng.choice(OPENERS), subject, problem, label))
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
 
 
-def _example(rng: random.Random, subject: str, problem: str, label: str) -> dict:
-    prompt = f"{rng.choice(OPENERS)} {subject} {problem}.{SEPARATOR}"
+def _example(opener: str, subject: str, problem: str, label: str) -> dict:
+    prompt = f"{opener} {subject} {problem}.{SEPARATOR}"
     return {"prompt": prompt, "completion": f" {label}<|endoftext|>"}
 
 
