@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from conftest import write_jsonl
 from orchestrator.data.cli import data_app
-from orchestrator.data.convert import convert_csv, fix_completion, fix_prompt
+from orchestrator.data.convert import convert_csv
+from orchestrator.data.format import fix_completion, fix_prompt
 from orchestrator.data.split import split_file
 from orchestrator.data.validate import validate_file
 from orchestrator.errors import DataError

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from orchestrator.data.validate import CODES, SAMPLE, detect_separator, validate_file
+from orchestrator.data.format import detect_separator
+from orchestrator.data.report import CODES
+from orchestrator.data.validate import SAMPLE, validate_file
 from orchestrator.errors import DataError
 
 BAD = Path(__file__).parent / "data" / "bad"

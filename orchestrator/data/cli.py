@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.text import Text
 
 if TYPE_CHECKING:  # the verbs import their modules lazily: `forge --help` stays fast
-    from orchestrator.data.validate import Report
+    from orchestrator.data.report import Report
 
 data_app = typer.Typer(help="Check, convert and split prompt/completion JSONL datasets.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True, markup=False)
@@ -33,7 +33,7 @@ def _n(count: int, word: str) -> str:
 def print_report(report: Report, per_code: int = PER_CODE) -> None:
     """The report for a person: problems grouped by code (errors first), each with its lines and
     its fix, then a summary to act on."""
-    from orchestrator.data.validate import CODES
+    from orchestrator.data.report import CODES
 
     s = report.summary
     console.print(Text(f"{s['file']}: {_n(report.errors, 'error')}, {_n(report.warnings, 'warning')}",

@@ -15,13 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from orchestrator import storage
-from orchestrator.data.convert import (
-    MAX_REPORTED,
-    iter_lines,
-    open_output,
-    read_chunks,
-    refuse_same,
-)
+from orchestrator.data.lines import iter_lines, open_output, read_chunks, refuse_same
+from orchestrator.data.report import MAX_REPORTED
 from orchestrator.errors import DataError
 from orchestrator.spec import EOT
 

@@ -14,19 +14,15 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from orchestrator import storage
-from orchestrator.data.convert import (
+from orchestrator.data.lines import (
     MAX_LINE,
     RawLine,
     decode_legacy,
-    detect_separator,
-    fix_completion,
-    fix_prompt,
     iter_lines,
     open_output,
     read_chunks,
@@ -34,111 +30,18 @@ from orchestrator.data.convert import (
     sniff,
     transcode,
 )
-from orchestrator.data.split import MAX_CLASSES, MAX_LABEL, class_label, is_classification
+from orchestrator.data.records import Record, RecordChecks
+from orchestrator.data.report import CODES, MAX_KEPT, FixResult, Problem, Report
+from orchestrator.data.split import is_classification
 from orchestrator.errors import DataError
-from orchestrator.generation import prompt_text
-from orchestrator.spec import EOT, recommended_epochs
+from orchestrator.spec import recommended_epochs
 
 KEYS = ("prompt", "completion")
-# code: (severity, meaning). Errors break the file or a rule of the format (the model would learn
-# or stop wrongly); warnings are advice and training works. Codes are stable: tools match them.
-CODES: dict[str, tuple[str, str]] = {
-    "empty-file": ("error", "the file has no bytes"),
-    "binary-file": ("error", "not text: a binary, compressed or spreadsheet file"),
-    "not-utf8": ("error", "bytes that are not UTF-8 (Latin-1, MacRoman, UTF-16)"),
-    "utf8-bom": ("warning", "a UTF-8 byte-order mark before the first line"),
-    "blank-line": ("warning", "an empty line"),
-    "invalid-json": ("error", "a line that is not JSON"),
-    "truncated-line": ("error", "the last line is cut off: no newline and incomplete JSON"),
-    "json-array": ("error", "the file is a JSON array, not one object per line"),
-    "not-object": ("error", "a line that is JSON but not an object"),
-    "missing-key": ("error", "no prompt or no completion key"),
-    "extra-key": ("warning", "keys besides prompt and completion (training ignores them)"),
-    "not-string": ("error", "a prompt or completion that is a number, null, list or object"),
-    "line-too-long": ("error", "a line over 1 MiB: no model's context holds it (not read further)"),
-    "prompt-trailing-whitespace": ("error", "a prompt ending in whitespace"),
-    "completion-leading-space": ("error", "a completion not starting with a space"),
-    "completion-missing-eot": ("error", "a completion not ending with <|endoftext|>"),
-    "empty-completion": ("error", "a completion with no text"),
-    "eot-inside": ("error", "<|endoftext|> inside a prompt or before a completion's end"),
-    "no-separator": ("error", "prompts share no fixed ending to act as the separator"),
-    "separator-missing": ("error", "a prompt not ending with the separator"),
-    "separator-inconsistent": ("error", "a prompt ending with another separator than most"),
-    "separator-in-prompt": ("error", "the separator also appears inside a prompt"),
-    "too-long": ("error", "prompt + completion over the model's context (with --model)"),
-    "no-examples": ("error", "no usable example in the file"),
-    "duplicate": ("warning", "the same prompt and completion as an earlier line"),
-    "conflict": ("warning", "an earlier line's prompt with a different completion"),
-    "few-examples": ("warning", "fewer examples than the task needs"),
-    "few-per-class": ("warning", "a class with fewer than ~25 examples"),
-    "class-many-tokens": ("warning", "a class label of several tokens (with --model)"),
-}
 SAMPLE, SAMPLE_BYTES = 2000, 8 << 20  # records held back while the separator is detected
 BATCH = 512
-MAX_KEPT = 100  # problems kept per code; all are counted
-RESERVOIR = 100_000  # lengths kept for the percentiles (exact up to this many examples)
-TOKEN_SAMPLE, TOKEN_EVERY = 20_000, 8  # with a tokenizer, lengths of these examples are measured
 CLASS_MIN, CLASS_TOKENS, CONDITIONAL_MIN, OPEN_ENDED_MIN = 25, 3, 200, 500
 _scan = json.JSONDecoder().scan_once  # json.loads without its per-call Python overhead
 SHAPE = 'one JSON object per line: {"prompt": "...", "completion": " ...<|endoftext|>"}'
-N_EOT = len(EOT)
-
-
-@dataclass
-class Problem:
-    line: int | None  # 1-based; None: the whole file
-    field: str | None  # prompt, completion, another key; None: the whole line
-    code: str
-    message: str
-    fix: str
-    severity: str = "error"
-    fixable: bool = False  # --fix repairs it
-
-
-@dataclass
-class FixResult:
-    out: str | None  # None: nothing was written (no example survived)
-    written: int
-    changes: dict[str, int]  # code -> lines changed, or dropped (blank lines, duplicates)
-    left_out: list[int]  # lines with problems --fix cannot repair (the first MAX_KEPT)
-    left_out_count: int
-
-
-@dataclass
-class Report:
-    source: str
-    problems: list[Problem]  # by line; at most MAX_KEPT per code
-    counts: dict[str, int]  # every problem found, per code
-    summary: dict[str, Any]
-    fix: FixResult | None = None
-    unfixable_errors: int = 0  # errors --fix cannot repair
-
-    @property
-    def errors(self) -> int:
-        return sum(n for c, n in self.counts.items() if CODES[c][0] == "error")
-
-    @property
-    def warnings(self) -> int:
-        return sum(n for c, n in self.counts.items() if CODES[c][0] == "warning")
-
-    @property
-    def ok(self) -> bool:
-        return self.errors == 0
-
-    def raise_for_errors(self, limit: int = 20) -> None:
-        """DataError listing the errors as file:line: code: message (for prepare, before tokenizing)."""
-        if self.ok:
-            return
-        errors = [p for p in self.problems if p.severity == "error"]
-        lines = [f"{self.source}:{p.line or '-'}: {p.code}: {p.message}" for p in errors[:limit]]
-        more = f"\n  ... and {self.errors - len(lines)} more" if self.errors > len(lines) else ""
-        raise DataError(f"{self.errors} error(s) in the dataset (forge data validate {self.source} "
-                        "explains each):\n  " + "\n  ".join(lines) + more)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "ok": self.ok, "errors": self.errors, "warnings": self.warnings,
-                "counts": self.counts, "problems": [asdict(p) for p in self.problems],
-                "summary": self.summary, "fix": asdict(self.fix) if self.fix else None}
 
 
 def _json_type(v: Any) -> str:
@@ -149,15 +52,7 @@ def _json_type(v: Any) -> str:
     return {str: "a string", list: "an array"}.get(type(v), "an object")
 
 
-class _Rec:
-    __slots__ = ("line", "prompt", "completion", "text", "rewrite", "fixes")
-
-    def __init__(self, line: int, obj: dict, text: str, rewrite: bool, fixes: list[str]):
-        self.line, self.prompt, self.completion = line, obj["prompt"], obj["completion"]
-        self.text, self.rewrite, self.fixes = text, rewrite, fixes
-
-
-class _Validator:
+class _Validator(RecordChecks):
     """One pass over one file: line problems at once, record problems once the separator is known."""
 
     def __init__(self, source: str, size: int, tokenizer: Any, context: int | None, fix_out: str | None):
@@ -171,7 +66,7 @@ class _Validator:
         self.checked = self.empty_prompts = self.duplicates = self.conflicts = self.max_len = 0
         self.measured = self.sampled = 0  # examples seen by / measured in _token_lengths
         self.last_left: int | None = None
-        self.pending: list[_Rec] = []
+        self.pending: list[Record] = []
         self.pending_bytes = 0
         self.sep: str | None = None
         self.sep_others: list[str] = []
@@ -307,7 +202,7 @@ class _Validator:
                 return
             rewrite, fixes = True, fixes + ["extra-key"]
         self.examples += 1
-        self.pending.append(_Rec(n, obj, text, rewrite, fixes))
+        self.pending.append(Record(n, obj, text, rewrite, fixes))
         self.pending_bytes += len(text)
         if not self.sep_decided and (len(self.pending) >= SAMPLE or self.pending_bytes >= SAMPLE_BYTES):
             self._decide()
@@ -332,156 +227,6 @@ class _Validator:
             self.add(n, "extra-key", f"extra key(s) {', '.join(map(repr, extra))}: only prompt and "
                      "completion are read", "remove them (--fix drops them)", extra[0], True)
         return usable
-
-    def _decide(self) -> None:
-        """Fix the separator from the records held back so far."""
-        prompts = [r.prompt for r in self.pending if r.prompt]
-        if 2 * len(prompts) > len(self.pending):  # not open-ended
-            self.sep, self.sep_others, self.sep_share = detect_separator(prompts)
-            if self.sep is None and len(prompts) >= 2:
-                first = next(r for r in self.pending if r.prompt)
-                self.add(None, "no-separator", "prompts share no fixed ending to mark where the prompt "
-                         f"ends (line {first.line}'s prompt ends with {first.prompt[-20:]!r})",
-                         "end every prompt with one separator that appears nowhere else in prompts, "
-                         "e.g. '\\n\\n###\\n\\n' or '\\nCategory:', and end prompts with it at inference")
-        self.sep_decided = True
-
-    def _flush(self) -> None:
-        batch, self.pending, self.pending_bytes = self.pending, [], 0
-        if not batch:
-            return
-        fixed = [(fix_prompt(r.prompt, self.sep), fix_completion(r.completion)) for r in batch]
-        lengths = self._token_lengths(fixed) if self.tok else [len(p) + len(c) for p, c in fixed]
-        out: list[str] = []
-        for r, (p, c), length in zip(batch, fixed, lengths, strict=True):
-            if self._check(r, p, c, length) and self.out is not None:
-                changed = r.rewrite or p != r.prompt or c != r.completion
-                out.append(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) if changed else r.text)
-        if out:
-            self.written += len(out)
-            self.out.write(("\n".join(out) + "\n").encode())
-
-    def _token_lengths(self, fixed: list[tuple[str, str]]) -> list[int | None]:
-        """Token counts as training sees them, for examples that may not fit (a byte-level BPE token
-        holds at least one byte, so one of at most ``context`` bytes fits) and for a sample of the
-        rest (the first TOKEN_SAMPLE, then one in TOKEN_EVERY); None where not tokenized. Text past
-        16 characters a token is not tokenized: it cannot fit."""
-        limit, ctx = 16 * self.context, self.context
-        texts = [prompt_text(p) + c for p, c in fixed]
-        todo = [i for i, t in enumerate(texts) if len(t.encode()) > ctx or self.measured + i < TOKEN_SAMPLE
-                or (self.measured + i) % TOKEN_EVERY == 0]
-        self.measured += len(texts)
-        ids = self.tok([texts[i][:limit] for i in todo], add_special_tokens=False)["input_ids"] if todo else []
-        lengths: list[int | None] = [None] * len(texts)
-        for i, tokens in zip(todo, ids, strict=True):
-            lengths[i] = len(tokens) if len(texts[i]) <= limit else max(len(tokens), ctx + 1)
-        return lengths
-
-    def _check(self, r: _Rec, p: str, c: str, length: int | None) -> bool:
-        """Check one record (p, c: its fixed prompt and completion); True when it goes into the fixed
-        copy. The common case, a clean record, costs a handful of string tests."""
-        sep, n = self.sep, r.line
-        clean = (p == r.prompt and c == r.completion and c.find(EOT) == len(c) - N_EOT
-                 and not c[1:-N_EOT].isspace() and len(c) > N_EOT + 1 and EOT not in p
-                 and (not p or not sep or p.find(sep) == len(p) - len(sep))
-                 and (length is None or self.tok is None or length <= self.context))
-        fixes = list(r.fixes)
-        bad = not clean and self._rules(r, p, c, length, fixes)
-        self.checked += 1
-        self.empty_prompts += not p
-        if length is not None:
-            self.sampled += 1
-            self.max_len = max(self.max_len, length)
-            if len(self.lengths) < RESERVOIR:
-                self.lengths.append(length)
-            elif (j := self.rng.randrange(self.sampled)) < RESERVOIR:
-                self.lengths[j] = length
-        if self.labels is not None:
-            label = class_label(c)
-            if len(label) > MAX_LABEL or (label not in self.labels and len(self.labels) >= MAX_CLASSES):
-                self.labels = None
-            else:
-                self.labels[label] += 1
-        # duplicates and conflicts, compared after the mechanical fixes
-        ch = hash(c) & 0xFFFFFFFFFFFFFFFF
-        first = self.firsts.setdefault(hash(p), ch << 32 | n)
-        if first != ch << 32 | n:
-            same = first >> 32 == ch
-            earlier = (first & 0xFFFFFFFF) if same else self.pairs.setdefault(hash((p, c)), n)
-            if same or earlier != n:
-                self.duplicates += 1
-                self.add(n, "duplicate", f"same prompt and completion as line {earlier}", "remove the copy "
-                         "(--fix drops exact duplicates)", None, True)
-                if not bad and self.out is not None:
-                    self.changes["duplicate"] += 1
-                return False
-            if p:
-                self.conflicts += 1
-                self.add(n, "conflict", f"same prompt as line {first & 0xFFFFFFFF} with a different "
-                         "completion", "keep one completion per prompt (contradicting labels teach "
-                         "noise), or make the prompts differ", "completion")
-        if bad:
-            return False
-        if self.out is not None:
-            self.changes.update(fixes)
-        return True
-
-    def _rules(self, r: _Rec, p: str, c: str, length: int | None, fixes: list[str]) -> bool:
-        """Name each broken rule of one record; True when --fix cannot repair it."""
-        n, prompt, completion, sep = r.line, r.prompt, r.completion, self.sep
-        bad = False
-        if prompt != prompt.rstrip() and not (sep and prompt.endswith(sep)):
-            self.add(n, "prompt-trailing-whitespace", f"prompt ends with whitespace "
-                     f"{prompt[len(prompt.rstrip()):]!r}", "remove it: the completion's leading space "
-                     "separates the words (--fix strips it)", "prompt", True)
-            fixes.append("prompt-trailing-whitespace")
-        if EOT in prompt:
-            self.add(n, "eot-inside", "prompt contains <|endoftext|>", "remove it from the prompt: it "
-                     "marks the end of a document", "prompt")
-            bad = True
-        if prompt and sep:
-            other = next((e for e in self.sep_others if p.endswith(e)), None)
-            bad = True
-            if other:
-                self.add(n, "separator-inconsistent", f"prompt ends with {other!r}, but {self.sep_share:.0%}"
-                         f" of prompts end with the separator {sep!r}", "end every prompt with the same "
-                         f"separator {sep!r}", "prompt")
-            elif not p.endswith(sep):
-                self.add(n, "separator-missing", f"prompt does not end with the separator {sep!r} "
-                         f"({self.sep_share:.0%} of prompts do); it ends with {p[-20:]!r}",
-                         f"append {sep!r} to the prompt (and end prompts with it at inference)", "prompt")
-            elif sep in p[: -len(sep)]:
-                self.add(n, "separator-in-prompt", f"the separator {sep!r} also appears inside the prompt "
-                         f"(at character {p.index(sep) + 1}): the model cannot tell where the prompt ends",
-                         "remove it from the text, or use a separator no prompt contains, e.g. "
-                         "'\\n\\n###\\n\\n'", "prompt")
-            else:
-                bad = False
-        body = completion.removesuffix(EOT)
-        if not body.strip():
-            self.add(n, "empty-completion", "completion has no text", "write the text the model should "
-                     "produce after the prompt", "completion")
-            return True
-        if not completion.startswith(" "):
-            self.add(n, "completion-leading-space", f"completion starts with {completion[:12]!r}, not a "
-                     "space", "start it with one space, e.g. ' Billing<|endoftext|>' (--fix adds it)",
-                     "completion", True)
-            fixes.append("completion-leading-space")
-        if not completion.endswith(EOT):
-            self.add(n, "completion-missing-eot", f"completion does not end with <|endoftext|> (it ends "
-                     f"with {completion[-12:]!r})", "append <|endoftext|> so the model learns where to "
-                     "stop (--fix adds it)", "completion", True)
-            fixes.append("completion-missing-eot")
-        if EOT in body:
-            self.add(n, "eot-inside", "completion has <|endoftext|> before its end", "keep "
-                     "<|endoftext|> only at the very end", "completion")
-            bad = True
-        if self.tok is not None and length is not None and length > self.context:
-            self.add(n, "too-long", f"prompt + completion is {length} tokens, over the model's context of "
-                     f"{self.context}", "shorten the prompt or the completion, or split the example",
-                     "completion")
-            bad = True
-        return bad
 
     def finish(self) -> None:
         if not self.sep_decided:
