@@ -371,7 +371,8 @@ def run(
 
     info, name = resolve_target(checkpoint_path, which, name)
     application = build_app(info.uri, name, which=which, **build_kwargs)
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(application, name=name, route_prefix="/")
@@ -379,9 +380,23 @@ def run(
     logger.info("serving %s (%s) at %s", name, info.uri, url)
     if blocking:
         print(f"forge: {name} ({info.name}) is ready at {url}; Ctrl-C to stop", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.delete(name)
+        wait_for_stop_signal()
+        serve.delete(name)
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
     return url
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM. Both are handled explicitly: a background process started by
+    a non-interactive shell inherits SIGINT as ignored, and SIGTERM would otherwise kill the
+    process without shutting down the Ray cluster it started."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass

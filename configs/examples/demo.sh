@@ -21,7 +21,7 @@ forge eval "$JOB_DIR" --data configs/examples/data/test.jsonl
 echo "== 4/4 serve the best checkpoint on Ray Serve (port $PORT) and ask once"
 forge serve "$JOB_DIR" --port "$PORT" > forge-runs/serve.log 2>&1 &
 server=$!
-trap 'kill -INT $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
+trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do
   curl -sf "http://127.0.0.1:$PORT/healthz" > /dev/null && break
   kill -0 $server 2>/dev/null || { echo "forge serve exited:"; tail -20 forge-runs/serve.log; exit 1; }
