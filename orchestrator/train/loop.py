@@ -15,11 +15,11 @@ import sys
 import tempfile
 import time
 import warnings
-from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from orchestrator import checkpoints, storage
 from orchestrator.data.prepare import read_table
@@ -27,6 +27,17 @@ from orchestrator.data.tokenize import pad_batch
 from orchestrator.spec import JobSpec
 from orchestrator.train.deepspeed_config import build_ds_config
 from orchestrator.train.evaluation import complete_test_prompts, evaluate_loss, test_accuracy
+
+
+class PadCollate(NumpyBatchCollateFn):
+    """Ray Data collate function: right-pad a column batch (see ``pad_batch``)."""
+
+    def __init__(self, pad_id: int) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return pad_batch(batch, self.pad_id)
 
 
 def load_model(model_uri: str, ds_config: dict[str, Any], dtype: torch.dtype):
@@ -113,7 +124,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(cfg["epochs"]):
         batches = shard.iter_torch_batches(
             batch_size=t.micro_batch_size,
-            collate_fn=partial(pad_batch, pad_id=pad_id),
+            collate_fn=PadCollate(pad_id),
             drop_last=True,
             local_shuffle_buffer_size=max(64, 8 * t.micro_batch_size),
             local_shuffle_seed=t.seed + epoch,
