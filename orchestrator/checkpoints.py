@@ -113,7 +113,7 @@ def best_checkpoint(ckpts: list[CheckpointInfo], metric: str = "eval_loss") -> C
     return min(scored, key=lambda c: (c.meta["eval_loss"], c.step))
 
 
-def _job_best_metric(job_uri: str) -> str:
+def job_best_metric(job_uri: str) -> str:
     rec = storage.join(job_uri, "job.json")
     if storage.exists(rec):
         return storage.read_json(rec).get("spec", {}).get("checkpoints", {}).get("best_metric", "eval_loss")
@@ -139,7 +139,7 @@ def resolve(path: str, which: str = "best") -> CheckpointInfo:
         raise ForgeError(f"{path}: no committed checkpoints{hint}")
     which = str(which)
     if which == "best":
-        return best_checkpoint(ckpts, _job_best_metric(uri))
+        return best_checkpoint(ckpts, job_best_metric(uri))
     if which == "latest":
         return ckpts[-1]
     if which.isdigit():

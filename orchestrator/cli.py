@@ -79,7 +79,7 @@ def checkpoints_cmd(
     if as_json:
         print(json.dumps([{"index": c.index, "name": c.name, "uri": c.uri, **c.meta} for c in ckpts], indent=2))
         return
-    checkpoint_tables(ckpts, checkpoints._job_best_metric(storage.normalize(job)), console)
+    checkpoint_tables(ckpts, checkpoints.job_best_metric(storage.normalize(job)), console)
 
 
 @app.command("eval")

@@ -89,15 +89,19 @@ def dataset_hash(spec: JobSpec, tokenizer_json: str, max_len: int) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(spec: JobSpec, tokenizer, max_len: int, log=print) -> PreparedData:
-    """Tokenized training and validation sets in storage (a cache hit if already prepared)."""
+def prepare(spec: JobSpec, tokenizer, max_len: int, log=print,
+            split: tuple[list[Example], list[Example]] | None = None) -> PreparedData:
+    """Tokenized training and validation sets in storage (a cache hit if already prepared).
+
+    ``split`` is ``split_examples(spec)`` when the caller already has it (read once, not twice).
+    """
     digest = dataset_hash(spec, tokenizer.backend_tokenizer.to_str(), max_len)
     uri = storage.join(storage.normalize(spec.storage), "datasets", digest)
     manifest_uri = storage.join(uri, "manifest.json")
     if storage.exists(manifest_uri):
         log(f"data: cache hit {uri}")
         return PreparedData(uri, storage.read_json(manifest_uri))
-    train, val = split_examples(spec)
+    train, val = split or split_examples(spec)
     train_t, train_tokens = _table(tokenizer, train, max_len, spec.dataset.train)
     val_t, val_tokens = _table(tokenizer, val, max_len, spec.dataset.validation or spec.dataset.train)
     _write_parquet(train_t, storage.join(uri, "train.parquet"))

@@ -18,7 +18,8 @@ from orchestrator.generation import Sampling, complete
 from orchestrator.spec import TestPrompt
 
 
-def _all_reduce_sum(values: list[float], device) -> list[float]:
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (unchanged when not distributed)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -51,7 +52,7 @@ def evaluate_loss(engine, rows: list[dict[str, Any]], micro_batch: int, pad_id: 
         loss_sum += float(loss)
         count += int((labels != IGNORE).sum())
     engine.train()
-    total, n = _all_reduce_sum([loss_sum, count], device)
+    total, n = all_reduce_sum([loss_sum, count], device)
     return total / max(n, 1)
 
 

@@ -26,7 +26,12 @@ from orchestrator.data.prepare import read_table
 from orchestrator.data.tokenize import pad_batch
 from orchestrator.spec import JobSpec
 from orchestrator.train.deepspeed_config import build_ds_config
-from orchestrator.train.evaluation import complete_test_prompts, evaluate_loss, test_accuracy
+from orchestrator.train.evaluation import (
+    all_reduce_sum,
+    complete_test_prompts,
+    evaluate_loss,
+    test_accuracy,
+)
 
 
 class PadCollate(NumpyBatchCollateFn):
@@ -145,7 +150,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 continue
             step += 1
             if step % cfg["log_every"] == 0 or step in checkpoint_steps or step == cfg["total_steps"]:
-                loss_sum, n, toks = _sum_over_ranks([window_loss, window_micro, window_tokens], device)
+                loss_sum, n, toks = all_reduce_sum([window_loss, window_micro, window_tokens], device)
                 tokens_seen += int(toks)
                 now = time.time()
                 entry = {"step": step, "epoch": epoch + 1, "loss": loss_sum / n,
@@ -184,12 +189,6 @@ def _quiet_ray_train_logs() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
-
-
-def _sum_over_ranks(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def _print_progress(e: dict[str, Any], cfg: dict[str, Any], elapsed: float) -> None:

@@ -114,11 +114,11 @@ def run_training(spec: JobSpec, address: str | None = None, overwrite: bool = Fa
                               "spec": resolved_dict(spec), "checkpoints": [], "best": None}
     write_record(job_uri, record)
     try:
-        train, _ = split_examples(spec)
-        model_uri = prepare_base_model(spec, (e.prompt + e.completion for e in train))
+        split = split_examples(spec)
+        model_uri = prepare_base_model(spec, (e.prompt + e.completion for e in split[0]))
         tokenizer = load_tokenizer(model_uri)
         max_len = min(spec.training.max_seq_length, context_length(model_uri))
-        data = prepare(spec, tokenizer, max_len, log=log)
+        data = prepare(spec, tokenizer, max_len, log=log, split=split)
         plan = plan_steps(spec, data.manifest["train"]["rows"])
         log(f"plan: {plan.epochs} epochs x {plan.steps_per_epoch} steps = {plan.total_steps} steps, "
             f"checkpoints at {plan.checkpoint_steps}")
