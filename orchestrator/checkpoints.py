@@ -100,13 +100,14 @@ def list_checkpoints(job_uri: str) -> list[CheckpointInfo]:
 
 
 def best_checkpoint(ckpts: list[CheckpointInfo], metric: str = "eval_loss") -> CheckpointInfo:
-    """Lowest eval loss (or highest test accuracy); ties go to the earlier checkpoint."""
+    """Lowest eval loss, or highest eval_accuracy / test_accuracy (ties: lower eval loss, then the
+    earlier checkpoint); falls back to eval loss, then the latest, where the metric is missing."""
     if not ckpts:
         raise ForgeError("no committed checkpoints")
-    if metric == "test_accuracy":
-        scored = [c for c in ckpts if c.meta.get("test_accuracy") is not None]
+    if metric in ("eval_accuracy", "test_accuracy"):
+        scored = [c for c in ckpts if c.meta.get(metric) is not None]
         if scored:
-            return max(scored, key=lambda c: (c.meta["test_accuracy"], -c.meta.get("eval_loss", 0.0), -c.step))
+            return max(scored, key=lambda c: (c.meta[metric], -(c.meta.get("eval_loss") or 0.0), -c.step))
     scored = [c for c in ckpts if c.meta.get("eval_loss") is not None]
     if not scored:
         return ckpts[-1]

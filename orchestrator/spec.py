@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.errors import SpecError
 
-PRESETS = ("neox-tiny",)
+# Named base models built from a config with random weights (orchestrator.models has the shapes):
+# for tests, demos and benchmarks. Pythia shapes follow the Pythia suite; GPT-J too.
+PRESETS = (
+    "neox-tiny", "gptj-tiny",
+    "pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b",
+    "pythia-6.9b", "pythia-12b", "gpt-neox-20b", "gpt-j-6b",
+)
 EOT = "<|endoftext|>"
 
 
@@ -40,9 +46,18 @@ class ModelSpec(_Model):
 
 
 class DatasetSpec(_Model):
-    train: str = Field(description="Training JSONL: one {\"prompt\", \"completion\"} per line.")
-    validation: str | None = Field(None, description="Validation JSONL; if absent, a split of train.")
+    train: str = Field(description="Training data: JSONL (one {\"prompt\", \"completion\"} per line), CSV or Parquet.")
+    validation: str | None = Field(None, description="Validation data; if absent, a split of train.")
     validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
+        "auto", description="auto: from the file extension (.jsonl/.json, .csv, .parquet)."
+    )
+    prompt_column: str = Field("prompt", description="CSV/Parquet: the column holding the prompt.")
+    completion_column: str = Field("completion", description="CSV/Parquet: the column holding the completion.")
+    packing: bool = Field(
+        True, description="Pack examples into max_seq_length rows; attention and positions never cross examples."
+    )
+    rows_per_shard: int = Field(8192, ge=1, description="Rows per Parquet shard of the prepared dataset.")
 
 
 class TrainingSpec(_Model):
@@ -59,13 +74,36 @@ class TrainingSpec(_Model):
         "auto", description="auto: bf16 on GPUs, fp32 on CPUs."
     )
     gradient_clipping: float = Field(1.0, ge=0.0)
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 30% slower.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload of optimizer state (stage 1-3).")
+    offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-Infinity parameter offload (stage 3 only).")
+    deepspeed: dict[str, Any] | str | None = Field(
+        None, description="A raw DeepSpeed config (a mapping or a JSON file) merged over forge's, key by key."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (benchmarks, smoke runs).")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _offload(self) -> TrainingSpec:
+        if self.offload_params == "cpu" and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3 (parameters are partitioned only at stage 3)")
+        if self.offload_optimizer == "cpu" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
 
 
 class CheckpointSpec(_Model):
     count: int = Field(5, ge=1, le=15, description="Checkpoints evenly spaced over the run.")
-    best_metric: Literal["eval_loss", "test_accuracy"] = Field(
-        "eval_loss", description="How the best checkpoint is chosen."
+    best_metric: Literal["eval_loss", "eval_accuracy", "test_accuracy"] = Field(
+        "eval_loss",
+        description="How the best checkpoint is chosen: lowest eval_loss, or highest eval_accuracy "
+        "(classification: exact match on the validation split) or test_accuracy (test prompts' expected).",
+    )
+    eval_max_examples: int = Field(
+        1000, ge=1, description="Validation examples scored for loss and accuracy at each checkpoint."
+    )
+    upload_timeout_s: float = Field(
+        1800, gt=0, description="A checkpoint not committed within this many seconds fails the job."
     )
 
 
@@ -112,7 +150,46 @@ class ResourcesSpec(_Model):
     num_workers: int = Field(2, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1: no limit).")
+    max_failures: int = Field(
+        3, ge=-1, description="Worker-group restarts Ray Train may make, each from the latest committed checkpoint (-1: no limit)."
+    )
+
+
+class WandbSpec(_Model):
+    mode: Literal["disabled", "offline", "online"] = Field(
+        "disabled", description="online needs WANDB_API_KEY; offline writes runs to ./wandb for `wandb sync`."
+    )
+    project: str = "forge"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    dir: str | None = Field(None, description="Where W&B writes its run files (default: the working folder).")
+
+
+class TrackingSpec(_Model):
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
+class DeploymentSpec(_Model):
+    """How ``forge serve`` / ``forge deploy`` run the model on Ray Serve (autoscaling and batching)."""
+
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(1, ge=1, le=1000)
+    target_ongoing_requests: float = Field(8, gt=0, description="Autoscaling target per replica.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(128, ge=-1, description="Waiting requests beyond which clients get 503 (-1: no limit).")
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (bf16 on GPU).")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Concurrent requests decoded together.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    max_models_per_replica: int = Field(4, ge=1, description="Multiplexed fine-tunes one replica keeps loaded (LRU).")
+    request_timeout_s: float | None = Field(120, gt=0, description="Requests running longer get 408.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> DeploymentSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is over max_replicas {self.max_replicas}")
+        return self
 
 
 class JobSpec(_Model):
@@ -123,6 +200,8 @@ class JobSpec(_Model):
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     test_prompts: list[TestPrompt] = Field(min_length=1, max_length=15)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec)
     storage: str = Field("./forge-runs", description="Local folder or s3://bucket/prefix.")
 
     @field_validator("name")
@@ -228,8 +307,18 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | None = 
         raise SpecError(source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
     if raw is None:
         raise SpecError(source, ["the file is empty; a job needs at least name, dataset and test_prompts"])
+    return spec_from_raw(raw, root, source, overrides, base_dir)
+
+
+def spec_from_raw(raw: Any, node: yaml.Node | None, source: str, overrides: list[str] | None = None,
+                  base_dir: str | None = None) -> JobSpec:
+    """Validate one job's parsed YAML (``node`` is its YAML node, for line numbers in errors).
+
+    The batch files of ``forge submit`` call this once per job, with each job's own node.
+    """
     if not isinstance(raw, dict):
-        raise SpecError(source, [f"line 1: expected a mapping of fields, got {type(raw).__name__}"])
+        line = node.start_mark.line + 1 if node is not None else 1
+        raise SpecError(source, [f"line {line}: expected a mapping of fields, got {type(raw).__name__}"])
     for o in overrides or []:
         _apply_override(raw, o)
     try:
@@ -239,7 +328,7 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | None = 
         for err in e.errors():
             loc = tuple(err["loc"])
             field = ".".join(str(p) for p in loc) or "(top level)"
-            line = _yaml_line(root, loc)
+            line = _yaml_line(node, loc)
             where = f"line {line}: " if line else ""
             problems.append(f"{where}{field}: {_describe(err)}")
         raise SpecError(source, problems) from None

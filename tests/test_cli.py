@@ -21,7 +21,7 @@ def test_spec_show_prints_every_default():
     spec = yaml.safe_load(r.stdout)
     assert spec["training"]["seed"] == 7
     assert spec["training"]["gradient_clipping"] == 1.0  # a default the YAML does not set
-    assert spec["resources"]["max_failures"] == 0
+    assert spec["resources"]["max_failures"] == 3
     assert spec["dataset"]["train"].endswith("configs/examples/data/train.jsonl")
 
 
