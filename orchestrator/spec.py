@@ -58,6 +58,10 @@ class DatasetSpec(_Model):
         True, description="Pack examples into max_seq_length rows; attention and positions never cross examples."
     )
     rows_per_shard: int = Field(8192, ge=1, description="Rows per Parquet shard of the prepared dataset.")
+    cache_max_mb: int = Field(
+        1024, ge=0, description="Prepared training data up to this size is read once per run into Ray's "
+        "object store; larger data streams from storage every epoch."
+    )
 
 
 class TrainingSpec(_Model):
@@ -81,6 +85,7 @@ class TrainingSpec(_Model):
         None, description="A raw DeepSpeed config (a mapping or a JSON file) merged over forge's, key by key."
     )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (benchmarks, smoke runs).")
+    log_every_steps: int | None = Field(None, ge=1, description="Progress line every N steps (default: 25 lines per run).")
     seed: int = 42
 
     @model_validator(mode="after")
@@ -348,6 +353,8 @@ def _resolve_paths(spec: JobSpec, base_dir: str) -> None:
         spec.dataset.validation = res(spec.dataset.validation)
     if not spec.model.is_preset:
         spec.model.base = res(spec.model.base)
+    if isinstance(spec.training.deepspeed, str):
+        spec.training.deepspeed = res(spec.training.deepspeed)
     # Storage is relative to where the user runs forge (./forge-runs by default), made absolute
     # here because Ray workers run in other folders.
     from orchestrator import storage

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
+from orchestrator import storage
+from orchestrator.errors import SpecError
 from orchestrator.spec import JobSpec
 
 
@@ -14,36 +18,89 @@ def resolve_precision(spec: JobSpec, on_gpu: bool) -> str:
     return p
 
 
-def build_ds_config(spec: JobSpec, total_steps: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed config for ``spec`` over ``total_steps`` optimizer steps (no "auto" values)."""
+def _scheduler(spec: JobSpec, total_steps: int) -> dict[str, Any]:
     t = spec.training
     warmup = int(total_steps * t.warmup_ratio)
-    adam: dict[str, Any] = {"lr": t.learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": t.weight_decay}
-    if not on_gpu:
-        adam["torch_adam"] = True  # FusedAdam needs CUDA; torch's AdamW is the CPU path
     if t.lr_schedule == "cosine":
-        scheduler = {"type": "WarmupCosineLR", "params": {"total_num_steps": total_steps, "warmup_num_steps": warmup,
-                                                          "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
-    elif t.lr_schedule == "linear":
-        scheduler = {"type": "WarmupDecayLR", "params": {"total_num_steps": max(total_steps, warmup + 1),
-                                                         "warmup_num_steps": warmup, "warmup_min_lr": 0.0,
-                                                         "warmup_max_lr": t.learning_rate, "warmup_type": "linear"}}
-    else:
-        scheduler = {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_min_lr": 0.0,
-                                                    "warmup_max_lr": t.learning_rate, "warmup_type": "linear"}}
+        return {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, warmup + 1),
+                                                     "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
+                                                     "cos_min_ratio": 0.1}}
+    params = {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": t.learning_rate,
+              "warmup_type": "linear"}
+    if t.lr_schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": max(total_steps, warmup + 1)}}
+    return {"type": "WarmupLR", "params": params}
+
+
+def _zero(spec: JobSpec) -> dict[str, Any]:
+    t = spec.training
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+        # Checkpoints hold a consolidated 16-bit HF model, gathered one parameter at a time.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if t.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if t.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def user_overrides(spec: JobSpec) -> dict[str, Any]:
+    """``training.deepspeed``: a mapping, or a JSON file (local or s3://) holding one."""
+    raw = spec.training.deepspeed
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    try:
+        data = storage.read_json(raw)
+    except (OSError, ValueError) as e:
+        raise SpecError("training.deepspeed", [f"{raw}: cannot read a DeepSpeed JSON config: {e}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError("training.deepspeed", [f"{raw}: expected a JSON object, got {type(data).__name__}"])
+    return data
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base`` key by key (nested mappings merged, the rest replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def build_ds_config(spec: JobSpec, total_steps: int, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config for ``spec`` over ``total_steps`` optimizer steps (no "auto" values).
+
+    A user's raw config (``training.deepspeed``) is merged over forge's; the batch sizes stay
+    forge's, because the data plan and checkpoint schedule are computed from them.
+    """
+    t = spec.training
+    adam: dict[str, Any] = {"lr": t.learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": t.weight_decay}
+    if not on_gpu and t.offload_optimizer == "none":
+        adam["torch_adam"] = True  # FusedAdam needs CUDA; torch's AdamW is the CPU path
     precision = resolve_precision(spec, on_gpu)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": t.gradient_clipping,
         "optimizer": {"type": "AdamW", "params": adam},
-        "scheduler": scheduler,
-        "zero_optimization": zero,
+        "scheduler": _scheduler(spec, total_steps),
+        "zero_optimization": _zero(spec),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10**9,  # forge prints its own progress
         "wall_clock_breakdown": False,
     }
+    over = user_overrides(spec)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in over and over[key] != config.get(key, over[key]):
+            raise SpecError("training.deepspeed", [
+                f"{key}: set it with training.micro_batch_size / gradient_accumulation_steps, not in the "
+                "DeepSpeed config (forge plans steps and checkpoints from them)"])
+        over.pop(key, None)
+    return merge(config, over)
+
+
+def describe(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orchestrator.data.tokenize import IGNORE, pad_batch
+from orchestrator.data.tokenize import IGNORE
 from orchestrator.generation import Sampling, complete
 from orchestrator.spec import TestPrompt
 
@@ -27,33 +27,44 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_loss(engine, rows: list[dict[str, Any]], micro_batch: int, pad_id: int, device) -> float:
-    """Mean loss per completion token over all ranks' share of ``rows`` (already this rank's share).
+def evaluate(engine, rows: list[dict[str, Any]], micro_batch: int, pad_id: int, device,
+             classification: bool) -> dict[str, float | None]:
+    """Validation loss per completion token and, for classification, exact-match accuracy, over
+    all ranks' shares of the validation rows (``rows`` is this rank's share).
 
-    Ranks with fewer rows run dummy batches (labels all ignored) so forward calls stay matched.
+    Exact match is decided in the same forward pass: greedy decoding reproduces the expected
+    completion (its ``<|endoftext|>`` included) exactly when, at every completion position, the
+    most likely next token given the expected prefix is the expected one. Ranks with fewer rows
+    run dummy batches (labels all ignored) so forward calls stay matched under ZeRO-3.
     """
+    from orchestrator.train.data import collate
+
     world = dist.get_world_size() if dist.is_initialized() else 1
     n_batches = math.ceil(len(rows) / micro_batch) if rows else 0
     n_batches = int(_all_reduce_max(n_batches, device, world))
     engine.eval()
-    loss_sum, count = 0.0, 0
+    loss_sum, tokens, correct, examples = 0.0, 0, 0, 0
     for b in range(n_batches):
         chunk = rows[b * micro_batch : (b + 1) * micro_batch]
         dummy = not chunk
         if dummy:  # nothing left on this rank: any real input, no label counted
-            chunk = [{"input_ids": [pad_id], "labels": [IGNORE]}]
-        batch = {k: v.to(device) for k, v in pad_batch(chunk, pad_id).items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            chunk = [{"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}]
+        batch = collate(*([r[k] for r in chunk] for k in ("input_ids", "labels", "position_ids")), pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-            ignore_index=IGNORE, reduction="sum",
-        )
-        loss_sum += float(loss)
-        count += int((labels != IGNORE).sum())
+        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                          ignore_index=IGNORE, reduction="sum"))
+        scored = labels != IGNORE
+        tokens += int(scored.sum())
+        if not dummy:
+            hit = (logits.argmax(-1) == labels) | ~scored
+            correct += int(hit.all(dim=1).sum())
+            examples += len(chunk)
     engine.train()
-    total, n = all_reduce_sum([loss_sum, count], device)
-    return total / max(n, 1)
+    total, n, right, seen = all_reduce_sum([loss_sum, tokens, correct, examples], device)
+    return {"eval_loss": total / max(n, 1),
+            "eval_accuracy": right / seen if classification and seen else None}
 
 
 def _all_reduce_max(value: int, device, world: int) -> int:

@@ -1,98 +1,61 @@
 """The training loop each Ray Train worker runs: one DeepSpeed engine, read top to bottom.
 
-setup (model under ZeRO init, engine, data shard) -> for each epoch, for each micro-batch:
-forward, backward, step -> every so often a progress line -> at the planned steps a checkpoint
-(validation loss, test prompts, consolidated HF model, ZeRO state, meta) reported to Ray Train
-and committed with a manifest.
+setup (model under ZeRO init, engine, resume from the latest committed checkpoint, this rank's
+data slice) -> for each epoch, for each micro-batch: forward, backward, step -> every so often a
+progress line -> at the planned steps a checkpoint (validation loss and accuracy, test prompts,
+consolidated HF model, ZeRO state, RNG) committed with a manifest.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from orchestrator import checkpoints, storage
-from orchestrator.data.prepare import read_table
-from orchestrator.data.tokenize import pad_batch
 from orchestrator.spec import JobSpec
+from orchestrator.train.data import Shard, epoch_batches, read_validation
 from orchestrator.train.deepspeed_config import build_ds_config
 from orchestrator.train.evaluation import (
     all_reduce_sum,
     complete_test_prompts,
-    evaluate_loss,
+    evaluate,
     test_accuracy,
 )
+from orchestrator.train.state import Position, restore, save_checkpoint, seed_everything
 
 
-class PadCollate(NumpyBatchCollateFn):
-    """Ray Data collate function: right-pad a column batch (see ``pad_batch``)."""
+def load_model(model_uri: str, ds_config: dict[str, Any], dtype: torch.dtype, seed: int,
+               gradient_checkpointing: bool):
+    """The base model, partitioned while it loads under ZeRO-3 (never whole on one worker).
 
-    def __init__(self, pad_id: int) -> None:
-        super().__init__()
-        self.pad_id = pad_id
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return pad_batch(batch, self.pad_id)
-
-
-def load_model(model_uri: str, ds_config: dict[str, Any], dtype: torch.dtype):
-    """The base model, partitioned while it loads under ZeRO-3 (never whole on one worker)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    A HF folder loads with ``from_pretrained``; a big preset saved as config only is built from
+    its config with random weights (same seed on every rank), also under ZeRO-3 init.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
+
+    from orchestrator.models import RANDOM_INIT
 
     local = storage.local_copy(model_uri)
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, use_safetensors=True)
+    if os.path.exists(os.path.join(local, RANDOM_INIT)):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, use_safetensors=True)
     del keep_alive
     model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, AutoTokenizer.from_pretrained(local)
-
-
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The full model's weights on rank 0 (None elsewhere), gathered one parameter at a time."""
-    if engine.zero_optimization_partition_weights():
-        return engine._zero3_consolidated_16bit_state_dict()
-    if dist.get_rank() == 0:
-        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-    return None
-
-
-def save_checkpoint(engine, tokenizer, cfg: dict[str, Any], state: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint, report it to Ray Train, then commit it on rank 0."""
-    import ray.train
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    name = checkpoints.checkpoint_name(state["step"])
-    with tempfile.TemporaryDirectory(prefix="forge-ckpt-") as d:
-        weights = consolidated_state_dict(engine)
-        if rank == 0:
-            engine.module.config.use_cache = True
-            engine.module.save_pretrained(os.path.join(d, "model"), state_dict=weights)
-            engine.module.config.use_cache = False
-            tokenizer.save_pretrained(os.path.join(d, "model"))
-            with open(os.path.join(d, checkpoints.META), "w") as f:
-                json.dump(meta, f, indent=2)
-        del weights
-        engine.save_checkpoint(os.path.join(d, "zero"), tag="state", client_state=state)
-        ray.train.report(
-            {k: v for k, v in meta.items() if isinstance(v, (int, float)) and v is not None},
-            checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=name,
-        )
-    dist.barrier()  # every rank's files are in storage before the manifest says so
-    if rank == 0:
-        checkpoints.commit(storage.join(cfg["job_uri"], name), state["step"], world)
-    dist.barrier()
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -107,93 +70,153 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins Ray Train's process group
     rank, world = dist.get_rank(), dist.get_world_size()
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    torch.manual_seed(t.seed + rank)
+    job_uri = cfg["job_uri"]
 
     # --- setup -------------------------------------------------------------------------------
-    ds_config = build_ds_config(spec, cfg["total_steps"], on_gpu)
-    dtype = {True: torch.bfloat16, False: torch.float32}[bool(ds_config["bf16"]["enabled"])]
-    model, tokenizer = load_model(cfg["model_uri"], ds_config, dtype)
+    seed_everything(t.seed + rank)
+    ds_config = build_ds_config(spec, cfg["total_steps"], device.type == "cuda")
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    model, tokenizer = load_model(cfg["model_uri"], ds_config, dtype, t.seed, t.gradient_checkpointing)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    val_rows = read_table(cfg["validation_uri"]).to_pylist()[rank::world]
-    shard = ray.train.get_dataset_shard("train")
+
     accum = t.gradient_accumulation_steps
     micro_per_epoch = cfg["steps_per_epoch"] * accum
-    checkpoint_steps = set(cfg["checkpoint_steps"])
+    pos, history = Position(), []
+    latest = checkpoints.latest_committed(job_uri)
+    if latest is not None:  # a restarted worker group, or `forge train --resume`
+        pos = restore(engine, latest.uri)
+        if pos.micro >= micro_per_epoch:  # saved at the end of an epoch: start the next one
+            pos.epoch, pos.micro = pos.epoch + 1, 0
+        history = [e for e in _read_history(job_uri) if e["step"] <= pos.step]
+        if rank == 0:
+            say(f"[forge] resumed from {latest.name}: step {pos.step}, epoch {pos.epoch + 1}, "
+                f"{pos.micro} micro-batches into it")
+    tracker = _tracker(spec, cfg, rank, pos.step)
+
+    val_rows = read_validation([Shard(**s) for s in cfg["validation_shards"]], rank, world,
+                               spec.checkpoints.eval_max_examples)
+    shard = ray.train.get_dataset_shard("train")
 
     # --- train -------------------------------------------------------------------------------
-    step, tokens_seen, history = 0, 0, []
-    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.time()
-    run_start = time.time()
-    for epoch in range(cfg["epochs"]):
-        batches = shard.iter_torch_batches(
-            batch_size=t.micro_batch_size,
-            collate_fn=PadCollate(pad_id),
-            drop_last=True,
-            local_shuffle_buffer_size=max(64, 8 * t.micro_batch_size),
-            local_shuffle_seed=t.seed + epoch,
-        )
-        micro = 0
-        for batch in batches:
-            if micro == micro_per_epoch:
+    try:
+        _train(engine, tokenizer, scheduler, spec, cfg, shard, val_rows, pad_id, device, pos, history, tracker)
+    except BaseException:
+        tracker.finish("failed")
+        raise
+    tracker.finish("succeeded")
+
+
+def _train(engine, tokenizer, scheduler, spec: JobSpec, cfg: dict[str, Any], shard, val_rows, pad_id: int,
+           device, pos: Position, history: list[dict[str, Any]], tracker) -> None:
+    t, rank, job_uri = spec.training, dist.get_rank(), cfg["job_uri"]
+    accum = t.gradient_accumulation_steps
+    micro_per_epoch = cfg["steps_per_epoch"] * accum
+    total, checkpoint_steps = cfg["total_steps"], set(cfg["checkpoint_steps"])
+    window_loss, window_micro, window_tokens = 0.0, 0, 0
+    window_start = run_start = time.time()
+    start_step = pos.step
+    for epoch in range(pos.epoch, cfg["epochs"]):
+        if pos.step >= total:
+            break
+        skip = pos.micro if epoch == pos.epoch else 0  # the data position of a resumed run
+        pos.epoch, pos.micro = epoch, 0
+        for batch in epoch_batches(shard, t.micro_batch_size, pad_id, t.seed, epoch, rank):
+            if pos.micro < skip:
+                pos.micro += 1
+                continue
+            if pos.micro == micro_per_epoch or pos.step >= total:
                 break  # the planned steps keep every rank in lockstep
+            window_tokens += int(batch.pop("num_tokens"))
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            micro += 1
-            window_loss += float(loss)
+            pos.micro += 1
+            window_loss += loss.item()
             window_micro += 1
-            window_tokens += int(batch["attention_mask"].sum())
-            if micro % accum:
+            if pos.micro % accum:
                 continue
-            step += 1
-            if step % cfg["log_every"] == 0 or step in checkpoint_steps or step == cfg["total_steps"]:
+            pos.step += 1
+            if pos.step % cfg["log_every"] == 0 or pos.step in checkpoint_steps or pos.step == total:
                 loss_sum, n, toks = all_reduce_sum([window_loss, window_micro, window_tokens], device)
-                tokens_seen += int(toks)
+                pos.tokens_seen += int(toks)
                 now = time.time()
-                entry = {"step": step, "epoch": epoch + 1, "loss": loss_sum / n,
+                entry = {"step": pos.step, "epoch": epoch + 1, "loss": loss_sum / n,
                          "lr": scheduler.get_last_lr()[0] if scheduler else t.learning_rate,
-                         "tokens_per_s": toks / max(now - window_start, 1e-9), "tokens_seen": tokens_seen}
+                         "tokens_per_s": toks / max(now - window_start, 1e-9), "tokens_seen": pos.tokens_seen}
                 history.append(entry)
+                tracker.log_step(entry)
                 if rank == 0:
-                    _print_progress(entry, cfg, now - run_start)
+                    eta = (now - run_start) / (pos.step - start_step) * (total - pos.step)
+                    _print_progress(entry, cfg, eta)
+                    storage.write_json(storage.join(job_uri, "progress.json"), {**entry, "total_steps": total,
+                                       "epochs": cfg["epochs"], "eta_s": eta, "time": now})
                 window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, now
-            if step in checkpoint_steps:
-                eval_loss = evaluate_loss(engine, val_rows, t.micro_batch_size, pad_id, device)
-                results = complete_test_prompts(engine.module, tokenizer, spec.test_prompts, t.seed,
-                                                distributed=world > 1 and engine.zero_optimization_partition_weights())
-                meta = {"step": step, "epoch": epoch + 1, "total_steps": cfg["total_steps"],
-                        "tokens_seen": tokens_seen, "train_loss": history[-1]["loss"], "eval_loss": eval_loss,
-                        "test_accuracy": test_accuracy(results), "test_prompts": results,
-                        "world_size": world, "time": time.time()}
+            if pos.step in checkpoint_steps:
+                meta = checkpoint_meta(engine, tokenizer, spec, cfg, val_rows, pad_id, device, pos, history)
+                tracker.log_checkpoint(meta)
+                save_checkpoint(engine, tokenizer, job_uri, pos, meta)
                 if rank == 0:
-                    acc = "" if meta["test_accuracy"] is None else f" test accuracy {meta['test_accuracy']:.0%}"
-                    say(f"[forge] checkpoint at step {step}: eval loss {eval_loss:.4f}{acc}")
-                save_checkpoint(engine, tokenizer, cfg, {"step": step, "epoch": epoch, "tokens_seen": tokens_seen}, meta)
-                if rank == 0:
-                    storage.write_json(storage.join(cfg["job_uri"], "metrics.json"), history)
+                    storage.write_json(storage.join(job_uri, "metrics.json"), history)
                 window_start = time.time()  # checkpoint time is not training throughput
-        if micro < micro_per_epoch:
-            raise RuntimeError(f"rank {rank} got {micro} micro-batches in epoch {epoch + 1}, expected {micro_per_epoch}")
+        if pos.micro < micro_per_epoch and pos.step < total:
+            raise RuntimeError(f"rank {rank} got {pos.micro} micro-batches in epoch {epoch + 1}, "
+                               f"expected {micro_per_epoch}")
+    if rank == 0:
+        storage.write_json(storage.join(job_uri, "metrics.json"), history)
+
+
+def checkpoint_meta(engine, tokenizer, spec: JobSpec, cfg: dict[str, Any], val_rows, pad_id: int,
+                    device, pos: Position, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint records: eval loss and accuracy, and every test prompt's completion."""
+    t, world = spec.training, dist.get_world_size()
+    scores = evaluate(engine, val_rows, t.micro_batch_size, pad_id, device, cfg["classification"])
+    results = complete_test_prompts(engine.module, tokenizer, spec.test_prompts, t.seed,
+                                    distributed=world > 1 and engine.zero_optimization_partition_weights())
+    meta = {"step": pos.step, "epoch": pos.epoch + 1, "total_steps": cfg["total_steps"],
+            "tokens_seen": pos.tokens_seen, "train_loss": history[-1]["loss"], **scores,
+            "test_accuracy": test_accuracy(results), "test_prompts": results, "world_size": world,
+            "time": time.time()}
+    if dist.get_rank() == 0:
+        acc = "".join(f" {k.replace('_', ' ')} {meta[k]:.0%}" for k in ("eval_accuracy", "test_accuracy")
+                      if meta[k] is not None)
+        say(f"[forge] checkpoint at step {pos.step}: eval loss {meta['eval_loss']:.4f}{acc}")
+    return meta
+
+
+def _read_history(job_uri: str) -> list[dict[str, Any]]:
+    uri = storage.join(job_uri, "metrics.json")
+    return storage.read_json(uri) if storage.exists(uri) else []
+
+
+class _NoTracker:
+    def log_step(self, entry: dict[str, Any]) -> None: ...
+    def log_checkpoint(self, meta: dict[str, Any]) -> None: ...
+    def finish(self, status: str) -> None: ...
+
+
+def _tracker(spec: JobSpec, cfg: dict[str, Any], rank: int, resume_step: int):
+    """W&B on rank 0 when the spec turns it on (``orchestrator.train.tracking``)."""
+    if spec.tracking.wandb.mode == "disabled":
+        return _NoTracker()
+    from orchestrator.train.tracking import Tracker
+
+    return Tracker(spec, cfg["job_uri"], cfg["run_config"], rank, resume_step=resume_step)
 
 
 def _quiet_ray_train_logs() -> None:
     """Ray Train logs every report at INFO (one of its loggers is named by file path); forge
     prints its own progress, so keep only warnings."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:
+    with contextlib.suppress(ImportError):
         from ray.train.v2._internal.execution import context
 
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
 
 
-def _print_progress(e: dict[str, Any], cfg: dict[str, Any], elapsed: float) -> None:
+def _print_progress(e: dict[str, Any], cfg: dict[str, Any], eta: float) -> None:
     total = cfg["total_steps"]
-    eta = elapsed / e["step"] * (total - e["step"])
     say(
         f"[forge] step {e['step']}/{total} ({e['step'] / total:.0%}) epoch {e['epoch']}/{cfg['epochs']} "
         f"loss {e['loss']:.4f} lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s "
