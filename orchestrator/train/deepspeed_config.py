@@ -19,16 +19,20 @@ def resolve_precision(spec: JobSpec, on_gpu: bool) -> str:
 
 
 def _scheduler(spec: JobSpec, total_steps: int) -> dict[str, Any]:
+    """Warmup over ``warmup_ratio`` of the steps, then the schedule. DeepSpeed's schedulers need
+    at least one warmup step: with ratio 0 that one step already starts at the full rate."""
     t = spec.training
-    warmup = int(total_steps * t.warmup_ratio)
+    warmup = max(1, round(total_steps * t.warmup_ratio))
+    start = 0.0 if t.warmup_ratio > 0 else 1.0  # as a fraction of the learning rate
+    total = max(total_steps, warmup + 1)
     if t.lr_schedule == "cosine":
-        return {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, warmup + 1),
-                                                     "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
-                                                     "cos_min_ratio": 0.1}}
-    params = {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": t.learning_rate,
-              "warmup_type": "linear"}
+        return {"type": "WarmupCosineLR", "params": {"total_num_steps": total, "warmup_num_steps": warmup,
+                                                     "warmup_min_ratio": start, "cos_min_ratio": 0.1,
+                                                     "warmup_type": "linear"}}
+    params = {"warmup_num_steps": warmup, "warmup_min_lr": start * t.learning_rate,
+              "warmup_max_lr": t.learning_rate, "warmup_type": "linear"}
     if t.lr_schedule == "linear":
-        return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": max(total_steps, warmup + 1)}}
+        return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": total}}
     return {"type": "WarmupLR", "params": params}
 
 

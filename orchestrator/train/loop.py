@@ -144,14 +144,15 @@ def _train(engine, tokenizer, scheduler, spec: JobSpec, cfg: dict[str, Any], sha
                 now = time.time()
                 entry = {"step": pos.step, "epoch": epoch + 1, "loss": loss_sum / n,
                          "lr": scheduler.get_last_lr()[0] if scheduler else t.learning_rate,
-                         "tokens_per_s": toks / max(now - window_start, 1e-9), "tokens_seen": pos.tokens_seen}
+                         "tokens_per_s": toks / max(now - window_start, 1e-9), "tokens_seen": pos.tokens_seen,
+                         "time": now}
                 history.append(entry)
                 tracker.log_step(entry)
                 if rank == 0:
                     eta = (now - run_start) / (pos.step - start_step) * (total - pos.step)
                     _print_progress(entry, cfg, eta)
                     storage.write_json(storage.join(job_uri, "progress.json"), {**entry, "total_steps": total,
-                                       "epochs": cfg["epochs"], "eta_s": eta, "time": now})
+                                       "epochs": cfg["epochs"], "eta_s": eta})
                 window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, now
             if pos.step in checkpoint_steps:
                 meta = checkpoint_meta(engine, tokenizer, spec, cfg, val_rows, pad_id, device, pos, history)

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -88,6 +89,7 @@ def save_checkpoint(engine, tokenizer, job_uri: str, pos: Position, meta: dict[s
 
     rank, world = dist.get_rank(), dist.get_world_size()
     name = checkpoints.checkpoint_name(pos.step)
+    started, model_bytes = time.time(), 0
     with tempfile.TemporaryDirectory(prefix="forge-ckpt-") as d:
         weights = consolidated_state_dict(engine)
         if rank == 0:
@@ -98,6 +100,7 @@ def save_checkpoint(engine, tokenizer, job_uri: str, pos: Position, meta: dict[s
             tokenizer.save_pretrained(model_dir)
             with open(os.path.join(d, checkpoints.META), "w") as f:
                 json.dump(meta, f, indent=2)
+            model_bytes = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir))
         del weights
         engine.save_checkpoint(os.path.join(d, ZERO_DIR), tag=ZERO_TAG, client_state={"position": asdict(pos)})
         os.makedirs(os.path.join(d, RNG_DIR), exist_ok=True)
@@ -109,7 +112,9 @@ def save_checkpoint(engine, tokenizer, job_uri: str, pos: Position, meta: dict[s
     uri = storage.join(job_uri, name)
     dist.barrier()  # every rank's files are in storage before the manifest says so
     if rank == 0:
-        checkpoints.commit(uri, pos.step, world)
+        # What a checkpoint costs (consolidate, save, upload, commit), for docs/benchmarks.md.
+        checkpoints.commit(uri, pos.step, world, extra={"save_seconds": round(time.time() - started, 3),
+                                                       "model_bytes": model_bytes})
     dist.barrier()
     return uri
 

@@ -168,6 +168,7 @@ def run_training(spec: JobSpec, address: str | None = None, overwrite: bool = Fa
     that ``forge submit`` queued.
     """
     job_uri = spec.job_uri
+    wandb_dir = _check_tracking(spec)  # a wrong tracking setup fails before anything starts
     record = _claim(spec, overwrite, resume, submission_id)
     record.update(status="preparing", spec=resolved_dict(spec), error=None, traceback=None)
     record.setdefault("attempts", []).append({"started": time.time(), "resume": resume})
@@ -175,7 +176,7 @@ def run_training(spec: JobSpec, address: str | None = None, overwrite: bool = Fa
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         init_ray(spec, address, log=log)
-        data, plan, loop_config = _prepare(spec, record, log)
+        data, plan, loop_config = _prepare(spec, record, log, wandb_dir)
         latest = checkpoints.latest_committed(job_uri)
         if latest is not None:
             log(f"resume: from {latest.name} (step {latest.step} of {plan.total_steps})")
@@ -204,13 +205,12 @@ def run_training(spec: JobSpec, address: str | None = None, overwrite: bool = Fa
     return record
 
 
-def _prepare(spec: JobSpec, record: dict[str, Any], log) -> tuple[Any, Plan, dict[str, Any]]:
+def _prepare(spec: JobSpec, record: dict[str, Any], log, wandb_dir: str | None) -> tuple[Any, Plan, dict[str, Any]]:
     """Base model, tokenized data and the step plan: the work before Ray Train starts."""
     from orchestrator.data.prepare import prepare, sample_texts
     from orchestrator.models import context_length, count_params, load_tokenizer, prepare_base_model
     from orchestrator.train.data import is_classification, read_validation, shards_of
 
-    _check_tracking(spec)
     model_uri = prepare_base_model(spec, sample_texts(spec))
     tokenizer = load_tokenizer(model_uri)
     max_len = min(spec.training.max_seq_length, context_length(model_uri))
@@ -226,7 +226,7 @@ def _prepare(spec: JobSpec, record: dict[str, Any], log) -> tuple[Any, Plan, dic
     record.update(model_uri=model_uri, dataset=data.uri, plan=asdict(plan), params=params,
                   classification=classification)
     run_config = {**resolved_dict(spec), "plan": asdict(plan), "params": params, "dataset": data.uri,
-                  "world_size": spec.resources.num_workers, "wandb_dir": os.path.abspath("wandb")}
+                  "world_size": spec.resources.num_workers, "wandb_dir": wandb_dir}
     loop_config = {
         "spec": spec.model_dump(mode="json"), "model_uri": model_uri, "job_uri": spec.job_uri,
         "validation_shards": [asdict(s) for s in val_shards], "classification": classification,
@@ -238,11 +238,13 @@ def _prepare(spec: JobSpec, record: dict[str, Any], log) -> tuple[Any, Plan, dic
     return data, plan, loop_config
 
 
-def _check_tracking(spec: JobSpec) -> None:
-    if spec.tracking.wandb.mode != "disabled":
-        from orchestrator.train.tracking import check_tracking
+def _check_tracking(spec: JobSpec) -> str | None:
+    """The folder W&B writes to (None when tracking is off); a ForgeError for a wrong setup."""
+    if spec.tracking.wandb.mode == "disabled":
+        return None
+    from orchestrator.train.tracking import check_tracking
 
-        check_tracking(spec)
+    return check_tracking(spec)
 
 
 def _index_checkpoints(spec: JobSpec, record: dict[str, Any]) -> None:
@@ -266,7 +268,8 @@ def _plot(spec: JobSpec, record: dict[str, Any]) -> None:
         metrics = storage.join(spec.job_uri, "metrics.json")
         history = storage.read_json(metrics) if storage.exists(metrics) else []
         if history:
-            plot_loss_curve(history, record.get("checkpoints", []), storage.join(spec.job_uri, "loss.png"))
+            plot_loss_curve(history, record.get("checkpoints", []), storage.join(spec.job_uri, "loss.png"),
+                            best=record.get("best"), title=spec.name)
     except Exception as e:  # a plot is a convenience
         print(f"forge: could not draw the loss curve: {type(e).__name__}: {e}")
 
