@@ -51,7 +51,8 @@ def evaluate(engine, rows: list[dict[str, Any]], micro_batch: int, pad_id: int, 
             chunk = [{"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}]
         batch = collate(*([r[k] for r in chunk] for k in ("input_ids", "labels", "position_ids")), pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1]
+        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        use_cache=False).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                           ignore_index=IGNORE, reduction="sum"))

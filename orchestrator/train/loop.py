@@ -129,7 +129,8 @@ def _train(engine, tokenizer, scheduler, spec: JobSpec, cfg: dict[str, Any], sha
                 break  # the planned steps keep every rank in lockstep
             window_tokens += int(batch.pop("num_tokens"))
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            # use_cache=False: with a KV cache transformers skips the packed-sequence mask
+            loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
             engine.step()
             pos.micro += 1

@@ -13,6 +13,7 @@ LR scheduler, step, data position and RNG.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -108,13 +109,26 @@ def save_checkpoint(engine, tokenizer, job_uri: str, pos: Position, meta: dict[s
             json.dump({"position": asdict(pos), "rng": rng_state()}, f)
         checkpoints.write_rank_index(d, rank)
         metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        mine = [os.path.relpath(os.path.join(root, f), d) for root, _, fs in os.walk(d) for f in fs]
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        except Exception as e:
+            uri = storage.join(job_uri, name)
+            with contextlib.suppress(Exception):  # leave no half-finished multipart upload behind
+                storage.abort_multipart_uploads(uri, keys=[storage.join(uri, rel) for rel in mine])
+            raise ForgeError(f"checkpoint at step {pos.step}: storing rank {rank}'s files under {uri} failed: "
+                             f"{e}; the previous checkpoint stays the latest") from e
     uri = storage.join(job_uri, name)
     dist.barrier()  # every rank's files are in storage before the manifest says so
     if rank == 0:
         # What a checkpoint costs (consolidate, save, upload, commit), for docs/benchmarks.md.
-        checkpoints.commit(uri, pos.step, world, extra={"save_seconds": round(time.time() - started, 3),
-                                                       "model_bytes": model_bytes})
+        extra = {"save_seconds": round(time.time() - started, 3), "model_bytes": model_bytes,
+                 "s3_requests": storage.retry_stats()}
+        try:
+            checkpoints.commit(uri, pos.step, world, extra=extra)
+        except ForgeError as e:
+            raise ForgeError(f"checkpoint at step {pos.step}: commit of {uri} failed: {e}; "
+                             "the previous checkpoint stays the latest") from e
     dist.barrier()
     return uri
 
