@@ -186,7 +186,9 @@ class DeploymentSpec(_Model):
     num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (bf16 on GPU).")
     max_batch_size: int = Field(16, ge=1, le=256, description="Concurrent requests decoded together.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="How long a new batch waits for more requests (continuous batching adds late ones between steps)."
+    )
     max_models_per_replica: int = Field(4, ge=1, description="Multiplexed fine-tunes one replica keeps loaded (LRU).")
     request_timeout_s: float | None = Field(120, gt=0, description="Requests running longer get 408.")
 
