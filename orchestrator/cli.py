@@ -12,12 +12,17 @@ from rich.console import Console
 
 from orchestrator.data.cli import data_app
 from orchestrator.errors import ForgeError
+from orchestrator.jobs.cli import deploy_cmd, deployments_app, jobs_app, submit_cmd
 
 app = typer.Typer(help="forge: fine-tune GPT-NeoX-family models on Ray + DeepSpeed and serve them.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 spec_app = typer.Typer(help="Inspect job specs.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
 app.add_typer(data_app, name="data")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(deployments_app, name="deployments")
+app.command("submit")(submit_cmd)
+app.command("deploy")(deploy_cmd)
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
@@ -44,21 +49,23 @@ def spec_show(
 
 @app.command()
 def train(
-    path: Annotated[str, typer.Argument(help="Job YAML")],
+    path: Annotated[str, typer.Argument(help="Job YAML, or a job folder (local or s3://) to --resume")],
     set_: SetOpt = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing job of the same name")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the job from its latest committed checkpoint")] = False,
+    submission_id: Annotated[str | None, typer.Option(help="Run the record `forge submit` queued (set by forge)")] = None,
 ) -> None:
     """Check and tokenize the data, fine-tune with DeepSpeed on Ray Train, save checkpoints."""
     from orchestrator import checkpoints
     from orchestrator.report import checkpoint_tables
-    from orchestrator.spec import load_spec
-    from orchestrator.train.trainer import run_training
+    from orchestrator.train.trainer import load_job_spec, run_training
 
-    spec = load_spec(path, set_)
+    spec = load_job_spec(path, set_)
     console.print(f"[bold]forge train[/bold] {spec.name}: model {spec.model.base}, "
                   f"{spec.resources.num_workers} workers, ZeRO-{spec.training.zero_stage}, storage {spec.storage}")
-    record = run_training(spec, address=address, overwrite=overwrite, log=lambda m: console.print(f"[cyan]{m}[/cyan]"))
+    record = run_training(spec, address=address, overwrite=overwrite, resume=resume, submission_id=submission_id,
+                          log=lambda m: console.print(f"[cyan]{m}[/cyan]"))
     checkpoint_tables(checkpoints.list_checkpoints(spec.job_uri), spec.checkpoints.best_metric, console)
     console.print(f"[green]job {spec.name} {record['status']}[/green]: best checkpoint {record['best']} "
                   f"in {spec.job_uri}")
@@ -68,14 +75,43 @@ def train(
 def checkpoints_cmd(
     job: Annotated[str, typer.Argument(help="Job folder (<storage>/jobs/<name>), local or s3://")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    gc: Annotated[bool, typer.Option("--gc", help="List garbage: uncommitted checkpoint attempts "
+                                     "and unfinished multipart uploads")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="With --gc: remove the garbage listed")] = False,
+    keep_newer_than: Annotated[float, typer.Option(help="With --gc: seconds; spare anything newer "
+                                                   "(a checkpoint being uploaded now)")] = 3600.0,
 ) -> None:
     """The job's committed checkpoints with eval metrics and test-prompt completions side by side."""
     from orchestrator import checkpoints, storage
     from orchestrator.report import checkpoint_tables
 
-    ckpts = checkpoints.list_checkpoints(storage.normalize(job))
-    if not ckpts and not storage.is_dir(storage.normalize(job)):
+    job_uri = storage.normalize(job)
+    ckpts = checkpoints.list_checkpoints(job_uri)
+    if not ckpts and not storage.is_dir(job_uri):
         raise ForgeError(f"{job}: no such job folder")
+    if yes and not gc:
+        raise ForgeError("--yes removes what --gc lists: pass both")
+    if gc:
+        attempts, uploads = checkpoints.find_garbage(job_uri, keep_newer_than_s=keep_newer_than)
+        if yes:
+            removed = checkpoints.remove_uncommitted(job_uri, keep_newer_than_s=keep_newer_than)
+            aborted = storage.abort_multipart_uploads(job_uri, older_than_s=keep_newer_than)
+        if as_json:
+            print(json.dumps({"uncommitted": [u for u, _ in attempts],
+                              "multipart_uploads": [u["uri"] for u in uploads], "removed": yes}, indent=2))
+            return
+        verb = "removed" if yes else "would remove"
+        for uri, age in attempts:
+            console.print(f"{verb} uncommitted checkpoint {uri} (last written {age:,.0f} s ago)")
+        for u in uploads:
+            console.print(f"{verb} unfinished multipart upload of {u['uri']} (id {u['upload_id'][:12]}...)")
+        if yes:
+            console.print(f"removed {len(removed)} uncommitted checkpoint(s), aborted {aborted} upload(s)")
+        elif attempts or uploads:
+            console.print("nothing removed: run again with --yes to remove these")
+        else:
+            console.print(f"no garbage older than {keep_newer_than:g} s")
+        return
     if as_json:
         print(json.dumps([{"index": c.index, "name": c.name, "uri": c.uri, **c.meta} for c in ckpts], indent=2))
         return
@@ -104,19 +140,24 @@ def eval_cmd(
 
 @app.command()
 def serve(
-    path: Annotated[str, typer.Argument(help="Job folder (serves its best checkpoint) or checkpoint folder")],
-    name: Annotated[str | None, typer.Option(help="Model name in the URL (default: the job's name)")] = None,
+    paths: Annotated[list[str], typer.Argument(help="Job folders (each serves its chosen checkpoint) or checkpoint folders, local or s3://", metavar="PATH...")],
+    name: Annotated[str | None, typer.Option(help="Model name in the URL, with one PATH (default: the job's name)")] = None,
     checkpoint: Annotated[str, typer.Option(help="best, latest, a 1-based index or a checkpoint name")] = "best",
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")] = None,
 ) -> None:
-    """Serve a checkpoint on Ray Serve: POST /v1/models/<name>/complete (bearer tokens from FORGE_API_KEYS)."""
+    """Serve checkpoints on Ray Serve, one model name each: the seed API (POST /v1/models/<name>/complete,
+    .../embed) and the OpenAI-compatible /v1/completions, /v1/embeddings, /v1/models. Bearer tokens come from
+    FORGE_API_KEYS (comma-separated) or FORGE_API_KEYS_FILE; settings from the job's `deployment:` section."""
     from serve.app import resolve_target, run
 
-    ckpt, name = resolve_target(path, checkpoint, name)
-    console.print(f"serving {ckpt.uri} as [bold]{name}[/bold]")
-    run(ckpt.uri, name=name, port=port, host=host, blocking=True, address=address)
+    if name and len(paths) > 1:
+        raise ForgeError("--name applies to one PATH only; with several, each model is named after its job")
+    for path in paths:
+        ckpt, model = resolve_target(path, checkpoint, name)
+        console.print(f"serving {ckpt.uri} as [bold]{model}[/bold]")
+    run(paths, name=name, port=port, host=host, blocking=True, which=checkpoint, address=address)
 
 
 def main() -> None:

@@ -254,7 +254,7 @@ def recommended_epochs(size_bytes: int) -> int:
 # --- loading ------------------------------------------------------------------------------
 
 
-def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+def yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the deepest YAML node on ``loc`` that exists."""
     line = node.start_mark.line + 1 if node is not None else None
     for key in loc:
@@ -335,7 +335,7 @@ def spec_from_raw(raw: Any, node: yaml.Node | None, source: str, overrides: list
         for err in e.errors():
             loc = tuple(err["loc"])
             field = ".".join(str(p) for p in loc) or "(top level)"
-            line = _yaml_line(node, loc)
+            line = yaml_line(node, loc)
             where = f"line {line}: " if line else ""
             problems.append(f"{where}{field}: {_describe(err)}")
         raise SpecError(source, problems) from None
