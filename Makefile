@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	@# DeepSpeed's CPU communication op, built once here instead of in the first training job
+	$(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" 2>&1 | grep -v WARNING || true
 	touch $@
 
 install: $(VENV)/.installed

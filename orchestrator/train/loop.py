@@ -67,6 +67,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     _quiet_ray_train_logs()
     spec = JobSpec.model_validate(cfg["spec"])
     t = spec.training
+    _clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins Ray Train's process group
     rank, world = dist.get_rank(), dist.get_world_size()
     device = ray.train.torch.get_device()
@@ -205,6 +206,19 @@ def _tracker(spec: JobSpec, cfg: dict[str, Any], rank: int, resume_step: int):
     from orchestrator.train.tracking import Tracker
 
     return Tracker(spec, cfg["job_uri"], cfg["run_config"], rank, resume_step=resume_step)
+
+
+def _clear_stale_build_lock(name: str = "deepspeed_shm_comm", stale_s: float = 600) -> None:
+    """DeepSpeed JIT-builds a small op on a node's first run, under a lock file that a process
+    killed mid-build leaves behind; every later run would then wait on it forever. A build takes
+    minutes, never ten: an older lock is stale and goes."""
+    from torch.utils import cpp_extension
+
+    with contextlib.suppress(Exception):
+        lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > stale_s:
+            os.remove(lock)
+            say(f"[forge] removed a stale DeepSpeed build lock: {lock}")
 
 
 def _quiet_ray_train_logs() -> None:

@@ -173,9 +173,11 @@ def run_training(spec: JobSpec, address: str | None = None, overwrite: bool = Fa
     record.update(status="preparing", spec=resolved_dict(spec), error=None, traceback=None)
     record.setdefault("attempts", []).append({"started": time.time(), "resume": resume})
     write_record(job_uri, record)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    previous = None
     try:
         init_ray(spec, address, log=log)
+        # After ray.init, which installs a SIGTERM handler of its own that exits with status 1.
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
         data, plan, loop_config = _prepare(spec, record, log, wandb_dir)
         latest = checkpoints.latest_committed(job_uri)
         if latest is not None:
