@@ -30,13 +30,13 @@ pytestmark = pytest.mark.integration
 STEPS = 24
 
 
-def job_yaml(tmp: Path, name: str, store: Path) -> Path:
+def job_yaml(tmp: Path, name: str, store: Path | str, data: Path | str = EXAMPLES / "data" / "train.jsonl") -> Path:
     """A small fp32 job: tiny GPT-NeoX, 2 workers, ZeRO-3, a progress entry every step."""
     text = (EXAMPLES / "ticket-router.yaml").read_text()
     path = tmp / f"{name}.yaml"
     path.write_text(text)
     spec = load_spec(path, overrides=[
-        f"name={name}", f"storage={store}", f"dataset.train={EXAMPLES / 'data' / 'train.jsonl'}",
+        f"name={name}", f"storage={store}", f"dataset.train={data}",
         "training.epochs=20", f"training.max_steps={STEPS}", "training.micro_batch_size=4",
         "training.learning_rate=1e-3", "training.log_every_steps=1", "training.precision=fp32",
         "checkpoints.count=3", "checkpoints.eval_max_examples=16",
@@ -142,47 +142,64 @@ def _train_workers() -> list:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
-def _kill_when(job_uri: str, step: int, kill, timeout: float = 240) -> threading.Thread:
-    """A thread that calls ``kill()`` once the job's progress reaches ``step``."""
+def _kill_when(job_uri: str, step: int, kill) -> tuple[threading.Thread, threading.Event]:
+    """A thread that calls ``kill()`` once the job's progress reaches ``step`` (until ``stop``)."""
     progress = storage.join(job_uri, "progress.json")
+    stop = threading.Event()
 
     def watch() -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        while not stop.is_set():
             try:
-                if storage.read_json(progress)["step"] >= step:
-                    kill()
-                    return
+                reached = storage.read_json(progress)["step"] >= step
             except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.05)
+                reached = False
+            if reached:
+                kill()
+                return
+            stop.wait(0.05)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    return thread
+    return thread, stop
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint(baseline, tmp_path):
+def test_a_killed_worker_restarts_from_the_last_checkpoint_on_s3(baseline, s3_bucket, tmp_path):
+    """Everything on S3 (moto over HTTP): data, base model, checkpoints, resume, job record."""
+    from transformers import AutoModelForCausalLM
+
     from orchestrator.train.trainer import run_training
 
-    spec = load_spec(job_yaml(tmp_path, "worker-kill", tmp_path / "store"))
+    data = storage.join(s3_bucket, "data", "train.jsonl")
+    storage.write_bytes(data, (EXAMPLES / "data" / "train.jsonl").read_bytes())
+    spec = load_spec(job_yaml(tmp_path, "worker-kill", f"{s3_bucket}/runs", data))
+    assert spec.job_uri == f"{s3_bucket}/runs/jobs/worker-kill"
     first_checkpoint = baseline[1]["plan"]["checkpoint_steps"][0]
     killed: list[int] = []
 
     def kill() -> None:
         victims = _train_workers()
-        assert victims, "no Ray Train worker process found"
-        victims[-1].send_signal(signal.SIGKILL)
-        killed.append(victims[-1].pid)
+        if victims:
+            victims[-1].send_signal(signal.SIGKILL)
+            killed.append(victims[-1].pid)
 
-    watcher = _kill_when(spec.job_uri, first_checkpoint + 3, kill)
+    watcher, stop = _kill_when(spec.job_uri, first_checkpoint + 3, kill)
     started = time.time()
-    record = run_training(spec)
-    watcher.join(timeout=1)
+    try:
+        record = run_training(spec)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
     assert killed, "the worker was never killed"
     assert record["status"] == "succeeded"
+    assert storage.read_json(storage.join(spec.job_uri, "job.json"))["status"] == "succeeded"
     print(f"worker SIGKILLed after step {first_checkpoint + 3}; run finished in {time.time() - started:.0f} s")
     assert_same_run(baseline[0].job_uri, spec.job_uri)
+    last = checkpoints.list_checkpoints(spec.job_uri)[-1]
+    assert last.uri.startswith("s3://")
+    checkpoints.verify(last.uri, hashes=True)
+    model = AutoModelForCausalLM.from_pretrained(storage.local_copy(last.model_uri), use_safetensors=True)
+    assert model.config.model_type == "gpt_neox"
+    assert not (EXAMPLES / "forge-runs").exists()  # nothing went to the default local storage
 
 
 def test_a_killed_driver_is_resumed_on_a_fresh_cluster(baseline, tmp_path):
@@ -193,9 +210,12 @@ def test_a_killed_driver_is_resumed_on_a_fresh_cluster(baseline, tmp_path):
     proc = subprocess.Popen([*cli, str(yaml_path)], cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first_checkpoint = baseline[1]["plan"]["checkpoint_steps"][0]
-    watcher = _kill_when(spec.job_uri, first_checkpoint + 2, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    out, _ = proc.communicate(timeout=300)
-    watcher.join(timeout=1)
+    watcher, stop = _kill_when(spec.job_uri, first_checkpoint + 2, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
     done = checkpoints.list_checkpoints(spec.job_uri)
     assert done and done[-1].step < STEPS  # it died mid-run, with at least one checkpoint
