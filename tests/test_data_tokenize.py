@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.data.jsonl import parse_examples
+from orchestrator.data.jsonl import read_examples
 from orchestrator.data.tokenize import IGNORE, pad_batch, tokenize_batch, tokenize_pair
 from orchestrator.errors import DataError
 from orchestrator.models import train_tokenizer
@@ -89,18 +89,21 @@ def test_pad_batch_accepts_ray_data_columns(tokenizer):
     assert (pad_batch(cols, 1)["labels"] == pad_batch(rows, 1)["labels"]).all()
 
 
-def test_jsonl_errors_name_file_and_line():
-    data = b'{"prompt": "a", "completion": " b"}\n{"prompt": "a"}\nnot json\n[1]\n{"prompt": 1, "completion": " x"}\n'
+def test_read_examples_errors_name_file_line_and_code(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": " b<|endoftext|>"}\n{"prompt": "a"}\nnot json\n[1]\n'
+                     b'{"prompt": 1, "completion": " x<|endoftext|>"}\n')
     with pytest.raises(DataError) as e:
-        parse_examples(data, "train.jsonl")
+        read_examples(str(path))
     msg = str(e.value)
-    assert "train.jsonl:2: field 'completion' is missing" in msg
-    assert "train.jsonl:3: invalid JSON" in msg
-    assert "train.jsonl:4: expected an object" in msg
-    assert "train.jsonl:5: field 'prompt' must be a string, got int" in msg
+    assert f"{path}:2: missing-key: no 'completion' key" in msg
+    assert f"{path}:3: invalid-json" in msg
+    assert f"{path}:4: not-object: the line holds an array" in msg
+    assert f"{path}:5: not-string: prompt is a number (1)" in msg
 
 
-def test_jsonl_not_utf8_names_line_and_encoding():
-    data = '{"prompt": "ok", "completion": " x"}\n{"prompt": "café", "completion": " x"}\n'.encode("latin-1")
-    with pytest.raises(DataError, match=r"train.jsonl:2: not UTF-8 .*Latin-1"):
-        parse_examples(data, "train.jsonl")
+def test_read_examples_not_utf8_names_line_and_encoding(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes('{"prompt": "ok", "completion": " x<|endoftext|>"}\n{"prompt": "café", "completion": " x<|endoftext|>"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"train.jsonl:2: not-utf8: .*Latin-1"):
+        read_examples(str(path))

@@ -54,6 +54,7 @@ CASES = [
     ("duplicates.jsonl", "duplicate", 7, None, ["same prompt and completion as line 2"]),
     ("conflicts.jsonl", "conflict", 8, "completion", ["same prompt as line 3", "different completion"]),
     ("invalid_json.jsonl", "invalid-json", 5, None, ["invalid JSON", "single quotes"]),
+    ("lone_surrogate.jsonl", "invalid-json", 4, "prompt", ["\\ud83d", "half of a UTF-16 surrogate pair"]),
     ("not_object.jsonl", "not-object", 3, None, ["an array, not an object"]),
     ("empty_completion.jsonl", "empty-completion", 3, "completion", ["no text"]),
     ("eot_inside.jsonl", "eot-inside", 6, "completion", ["<|endoftext|> before its end"]),

@@ -12,7 +12,7 @@ from rich.text import Text
 if TYPE_CHECKING:  # the verbs import their modules lazily: `forge --help` stays fast
     from orchestrator.data.report import Report
 
-data_app = typer.Typer(help="Check, convert and split prompt/completion JSONL datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Check, convert, split and prepare prompt/completion datasets.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True, markup=False)
 PER_CODE = 5  # problems printed per code; --json lists up to 100 per code
 
@@ -150,3 +150,42 @@ def split_cmd(
     if res.classes:
         per = ", ".join(f"{k} {a}/{b}" for k, (a, b) in res.classes.items())
         console.print(f"stratified by class (train/test): {per}")
+
+
+@data_app.command("prepare")
+def prepare_cmd(
+    path: Annotated[str, typer.Argument(help="Job YAML (its dataset, model, training and storage sections)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set dataset.packing=false")] = None,
+) -> None:
+    """Check, shuffle, tokenize and pack the job's data into Parquet shards on its storage.
+
+    The same inputs again are a cache hit. `forge train` runs this first; run it alone to check
+    and prepare a big dataset before any training machine starts.
+    """
+    import ray
+
+    from orchestrator.data.prepare import prepare, sample_texts
+    from orchestrator.models import context_length, load_tokenizer, prepare_base_model
+    from orchestrator.spec import load_spec
+    from orchestrator.train.trainer import init_ray
+
+    spec = load_spec(path, set_)
+    model_uri = prepare_base_model(spec, sample_texts(spec))  # a file that cannot be read stops here
+    tokenizer = load_tokenizer(model_uri)
+    max_len = min(spec.training.max_seq_length, context_length(model_uri))
+    started = not ray.is_initialized()
+    init_ray(spec, log=console.print)
+    try:
+        data = prepare(spec, tokenizer, max_len, log=console.print)
+    finally:
+        if started:
+            ray.shutdown()
+    m = data.manifest
+    console.print(Text("\nPrepared dataset", style="bold"))
+    for split in ("train", "validation"):
+        s = m[split]
+        kind = "packed rows" if split == "train" and m["packed"] else "rows"
+        console.print(f"  {split:<11} {s['examples']:,} examples in {s['rows']:,} {kind}, {s['tokens']:,} tokens "
+                      f"({s['loss_tokens']:,} with loss), {_n(len(s['shards']), 'shard')}, "
+                      f"padding {s['padding_fraction']:.1%} at max_seq_length {m['max_seq_length']}")
+    console.print(f"  {'uri':<11} {data.uri}")

@@ -12,7 +12,7 @@ import itertools
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -81,6 +81,7 @@ class _Validator(RecordChecks):
         self.started = False
         self.encoding = "UTF-8"
         self.legacy: Counter[str] = Counter()  # lines read in another encoding, by its name
+        self.index: Any = None  # prepare's LineIndex: told each line's offset and each example's line
 
     def add(self, line: int | None, code: str, message: str, fix: str, field: str | None = None,
             fixable: bool = False) -> None:
@@ -127,6 +128,8 @@ class _Validator(RecordChecks):
     def feed(self, raw: RawLine) -> None:
         self.lines += 1
         n = self.lines
+        if self.index is not None:
+            self.index.line(n, raw.offset)
         if raw.size > MAX_LINE:
             return self.add(n, "line-too-long", f"line is {raw.size / 1e6:.1f} MB; no model's context "
                             "holds an example this long (the line is not read further)", "remove the line "
@@ -201,13 +204,35 @@ class _Validator(RecordChecks):
             if not self._keys(n, obj):
                 return
             rewrite, fixes = True, fixes + ["extra-key"]
+        if ("\\ud" in text or "\\uD" in text) and not self._whole_characters(n, obj):
+            return
         self.examples += 1
+        if self.index is not None:
+            self.index.example(n)
         self.pending.append(Record(n, obj, text, rewrite, fixes))
-        self.pending_bytes += len(text)
+        self.pending_bytes += len(text) or len(obj["prompt"]) + len(obj["completion"])
         if not self.sep_decided and (len(self.pending) >= SAMPLE or self.pending_bytes >= SAMPLE_BYTES):
             self._decide()
         if self.sep_decided and len(self.pending) >= BATCH:
             self._flush()
+
+    def _whole_characters(self, n: int, obj: dict) -> bool:
+        """False (and a problem) when a \\uD800-\\uDFFF escape stands alone: half of a UTF-16
+        pair is no character, and no tokenizer takes it."""
+        for k in KEYS:
+            bad = next((c for c in obj[k] if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:
+                self.add(n, "invalid-json", f"{k} holds the escape \\u{ord(bad):04x}, half of a UTF-16 "
+                         "surrogate pair: not a character", "write the character itself (UTF-8), or its "
+                         "whole pair of escapes", k)
+                return False
+        return True
+
+    def feed_record(self, n: int, prompt: Any, completion: Any) -> None:
+        """One row of a CSV or Parquet file (``n``: its line or row): the same record rules as a
+        JSONL line; the reader has already checked the file's structure and encoding."""
+        self.lines = n
+        self._object(n, {"prompt": prompt, "completion": completion}, "", False)
 
     def _keys(self, n: int, obj: dict) -> bool:
         """Report missing, extra and non-string keys; True when the line is still an example."""
@@ -297,9 +322,12 @@ class _NothingWritten(Exception):
 
 
 def validate_file(uri: str, tokenizer: Any = None, context: int | None = None,
-                  fix_out: str | None = None) -> Report:
+                  fix_out: str | None = None, index: Any = None) -> Report:
     """The report on one JSONL file (local or s3://); with ``fix_out``, a corrected copy is written
-    there (never over ``uri``). Raises DataError only when the file cannot be read at all."""
+    there (never over ``uri``). Raises DataError only when the file cannot be read at all.
+
+    ``index`` (prepare's ``LineIndex``) is told every line's byte offset and every example's line.
+    """
     src = storage.normalize(uri)
     if fix_out is not None:
         refuse_same(src, fix_out)
@@ -309,6 +337,7 @@ def validate_file(uri: str, tokenizer: Any = None, context: int | None = None,
     if info.type != pafs.FileType.File:
         raise DataError(f"{uri}: no such file")
     v = _Validator(src, info.size, tokenizer, (context or 2048) if tokenizer is not None else None, fix_out)
+    v.index = index
     try:
         with open_output(fix_out) if fix_out is not None else nullcontext() as out:
             v.out = out
@@ -317,6 +346,18 @@ def validate_file(uri: str, tokenizer: Any = None, context: int | None = None,
                 raise _NothingWritten
     except _NothingWritten:
         pass
+    return v.report()
+
+
+def validate_records(source: str, size: int, records: Iterable[tuple[int, Any, Any]],
+                     index: Any = None) -> Report:
+    """The report on the (line or row, prompt, completion) records of a CSV or Parquet file, by
+    the same rules as a JSONL file's lines (``index`` as for ``validate_file``)."""
+    v = _Validator(source, size, None, None, None)
+    v.index = index
+    for n, prompt, completion in records:
+        v.feed_record(n, prompt, completion)
+    v.finish()
     return v.report()
 
 
