@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the parcel invoice refund courier account password screen crash late charged twice sync "
-         "feature tracking number email reset blank error payment declined shipment team please help").split()
+WORDS = ["the", "parcel", "invoice", "refund", "courier", "account", "password", "screen", "crash", "late", "charged", "twice", "sync", "feature", "tracking", "number", "email", "reset", "blank", "error", "payment", "declined", "shipment", "team", "please", "help"]
 
 
 def synthetic_dataset(path: Path, n: int, seed: int = 0) -> None:

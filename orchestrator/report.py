@@ -25,13 +25,17 @@ def checkpoint_tables(ckpts: list[CheckpointInfo], best_metric: str = "eval_loss
         return
     best = best_checkpoint(ckpts, best_metric)
     index = Table(title="Checkpoints", title_justify="left")
-    for col in ("#", "checkpoint", "step", "epoch", "tokens", "train loss", "eval loss", "test acc", ""):
+    with_eval_acc = any(c.meta.get("eval_accuracy") is not None for c in ckpts)
+    cols = ["#", "checkpoint", "step", "epoch", "tokens", "train loss", "eval loss"]
+    cols += ["eval acc"] * with_eval_acc + ["test acc", ""]
+    for col in cols:
         index.add_column(col)
     for c in ckpts:
         m = c.meta
+        acc = [_fmt(m.get("eval_accuracy"), pct=True)] * with_eval_acc
         index.add_row(
             str(c.index), c.name, str(c.step), str(m.get("epoch", "-")), f"{m.get('tokens_seen', 0):,}",
-            _fmt(m.get("train_loss")), _fmt(m.get("eval_loss")), _fmt(m.get("test_accuracy"), pct=True),
+            _fmt(m.get("train_loss")), _fmt(m.get("eval_loss")), *acc, _fmt(m.get("test_accuracy"), pct=True),
             "best" if c is best else "",
         )
     console.print(index)

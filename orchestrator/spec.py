@@ -59,7 +59,7 @@ class DatasetSpec(_Model):
     )
     rows_per_shard: int = Field(8192, ge=1, description="Rows per Parquet shard of the prepared dataset.")
     cache_max_mb: int = Field(
-        1024, ge=0, description="Prepared training data up to this size is read once per run into Ray's "
+        256, ge=0, description="Prepared training data up to this size is read once per run into Ray's "
         "object store; larger data streams from storage every epoch."
     )
 

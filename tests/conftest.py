@@ -110,3 +110,39 @@ def tiny_rows() -> list[dict]:
         for i in range(30)
         for lab in [labels[i % 3]]
     ]
+
+
+# --- one trained job, shared by the training tests -------------------------------------------
+
+TRAIN_STEPS = 40  # the demo's own length: 8 epochs of 5 steps
+
+
+def job_yaml(tmp: Path, name: str, store: Path | str,
+             data: Path | str = EXAMPLES / "data" / "train.jsonl") -> Path:
+    """The demo job, shortened: tiny GPT-NeoX on 2 workers, ZeRO-3, fp32, TRAIN_STEPS steps with
+    a progress entry each, 3 checkpoints. Written out resolved, so runs of it are identical."""
+    import yaml
+
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(EXAMPLES / "ticket-router.yaml", overrides=[
+        f"name={name}", f"storage={store}", f"dataset.train={data}",
+        f"training.max_steps={TRAIN_STEPS}", "training.log_every_steps=1", "training.precision=fp32",
+        "checkpoints.count=3", "resources.max_failures=2",
+    ])
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_job(ray_cluster, tmp_path_factory):
+    """(spec, record) of the shortened demo job, trained once per test session."""
+    from orchestrator.spec import load_spec
+    from orchestrator.train.trainer import run_training
+
+    tmp = tmp_path_factory.mktemp("trained")
+    spec = load_spec(job_yaml(tmp, "trained", tmp / "store"))
+    record = run_training(spec)
+    assert record["status"] == "succeeded", record.get("error")
+    return spec, record

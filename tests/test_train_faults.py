@@ -17,35 +17,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, job_yaml
+from conftest import TRAIN_STEPS as STEPS
 from orchestrator import checkpoints, storage
 from orchestrator.spec import load_spec
 
 pytestmark = pytest.mark.integration
-
-STEPS = 24
-
-
-def job_yaml(tmp: Path, name: str, store: Path | str, data: Path | str = EXAMPLES / "data" / "train.jsonl") -> Path:
-    """A small fp32 job: tiny GPT-NeoX, 2 workers, ZeRO-3, a progress entry every step."""
-    text = (EXAMPLES / "ticket-router.yaml").read_text()
-    path = tmp / f"{name}.yaml"
-    path.write_text(text)
-    spec = load_spec(path, overrides=[
-        f"name={name}", f"storage={store}", f"dataset.train={data}",
-        "training.epochs=20", f"training.max_steps={STEPS}", "training.micro_batch_size=4",
-        "training.learning_rate=1e-3", "training.log_every_steps=1", "training.precision=fp32",
-        "checkpoints.count=3", "checkpoints.eval_max_examples=16",
-        "resources.max_failures=2",
-    ])
-    import yaml
-
-    path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    return path
 
 
 def weights(ckpt_uri: str) -> dict:
@@ -72,14 +52,9 @@ def assert_same_run(job_a: str, job_b: str, tol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, tmp_path_factory):
-    from orchestrator.train.trainer import run_training
-
-    tmp = tmp_path_factory.mktemp("baseline")
-    spec = load_spec(job_yaml(tmp, "baseline", tmp / "store"))
-    record = run_training(spec)
-    assert record["status"] == "succeeded"
-    return spec, record
+def baseline(trained_job):
+    """The uninterrupted run (conftest.trained_job)."""
+    return trained_job
 
 
 def test_zero3_matches_a_single_process_reference(baseline):
@@ -105,7 +80,7 @@ def test_zero3_matches_a_single_process_reference(baseline):
     sched = deepspeed.runtime.lr_schedules.WarmupDecayLR(opt, **ds["scheduler"]["params"])
 
     def rank_batches(rank: int, epoch: int):
-        it = rank_dataset(shards, rank, 2)
+        it = rank_dataset(shards, rank, 2, in_object_store=True)  # as the run read it
         it.context.execution_options.preserve_order = True
         return list(epoch_batches(it.iterator(), t.micro_batch_size, pad_id, t.seed, epoch, rank))
 

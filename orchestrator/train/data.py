@@ -43,14 +43,26 @@ def rows_per_rank(shards: list[Shard], world: int) -> int:
     return sum(s.rows for s in shards) // world
 
 
-def rank_dataset(shards: list[Shard], rank: int, world: int):
-    """Rank ``rank``'s rows as a lazy Ray Dataset: rows [rank*n, (rank+1)*n), in order."""
+def rank_dataset(shards: list[Shard], rank: int, world: int, in_object_store: bool = False):
+    """Rank ``rank``'s rows [rank*n, (rank+1)*n) as a Ray Dataset, in order.
+
+    ``in_object_store``: read the slice here with pyarrow and hand it to Ray's object store
+    (``from_arrow``: no tasks to start, fast for data that is small next to the cluster's
+    memory). Otherwise a lazy ``read_parquet`` that streams the slice from storage each epoch.
+    """
     import ray.data
     from ray.data.expressions import col
 
     n = rows_per_rank(shards, world)
     lo, hi = rank * n, (rank + 1) * n
     mine = [s for s in shards if s.first_row < hi and s.first_row + s.rows > lo]
+    if in_object_store:
+        tables = []
+        for s in mine:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(s.uri)), columns=["row", *COLUMNS])
+            start = max(lo - s.first_row, 0)
+            tables.append(table.slice(start, min(hi - s.first_row, s.rows) - start))
+        return ray.data.from_arrow(tables)
     fs, _ = storage.filesystem(mine[0].uri)
     paths = [storage.filesystem(s.uri)[1] for s in mine]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["row", *COLUMNS])
@@ -59,12 +71,7 @@ def rank_dataset(shards: list[Shard], rank: int, world: int):
 
 class RankSlices(DataConfig):
     """Ray Train's DataConfig for forge's prepared datasets: each worker gets its own slice
-    (``rank_dataset``) instead of a dynamic streaming split, with Ray Data's order preserved.
-
-    ``in_object_store``: read each slice once per worker group into Ray's object store (which
-    spills to disk) instead of streaming it from storage every epoch; for data that is small
-    next to the cluster's memory, where per-epoch reads would cost more than the training.
-    """
+    (``rank_dataset``) instead of a dynamic streaming split, with Ray Data's order preserved."""
 
     def __init__(self, shards: list[Shard], in_object_store: bool = False) -> None:
         super().__init__(datasets_to_split="all", enable_shard_locality=False)
@@ -74,11 +81,9 @@ class RankSlices(DataConfig):
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out = []
         for rank in range(world_size):
-            ds = rank_dataset(self.shards, rank, world_size)
+            ds = rank_dataset(self.shards, rank, world_size, self.in_object_store)
             ds.context.execution_options = self._resolve_execution_options("train")
             ds.context.execution_options.preserve_order = True
-            if self.in_object_store:
-                ds = ds.materialize()
             out.append({name: ds.iterator() for name in datasets})
         return out
 

@@ -222,9 +222,10 @@ def _clear_stale_build_lock(name: str = "deepspeed_shm_comm", stale_s: float = 6
 
 
 def _quiet_ray_train_logs() -> None:
-    """Ray Train logs every report at INFO (one of its loggers is named by file path); forge
-    prints its own progress, so keep only warnings."""
+    """Ray Train logs every report and Ray Data every epoch's execution at INFO (one logger is
+    named by file path); forge prints its own progress, so keep only warnings."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     with contextlib.suppress(ImportError):
         from ray.train.v2._internal.execution import context
 

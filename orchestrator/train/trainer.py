@@ -60,7 +60,9 @@ def init_ray(spec: JobSpec, address: str | None = None, log=print) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}}
+    # Dependencies' deprecation notices are noise in a user's training log.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0",
+                        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}}
     if address:
         log(f"ray: joining the cluster at {address}")
         ray.init(address=address, runtime_env=env, log_to_driver=True)
