@@ -20,6 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+LAST_SERVED = pytest.StashKey[str | None]()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,13 +41,26 @@ os.environ.update(
 )
 
 
+def pytest_collection_modifyitems(session, config, items):
+    users = [item.nodeid for item in items if "served" in getattr(item, "fixturenames", ())]
+    config.stash[LAST_SERVED] = users[-1] if users else None
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The Serve applications go as soon as no later test needs them (training tests follow)."""
+    if item.nodeid == item.config.stash.get(LAST_SERVED, None):
+        import serve_fixtures
+
+        serve_fixtures.stop_served()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster on loopback, shared by every integration test."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=6, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     try:

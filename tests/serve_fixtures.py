@@ -95,6 +95,18 @@ def _http_port(requested: int) -> int:
         return requested
 
 
+_LIVE: list[str] = []  # the applications `served` deployed and nobody has deleted yet
+
+
+def stop_served() -> None:
+    """Delete the applications of `served` (once): conftest calls it after the last test that
+    uses them, so idle replicas do not load the machine during the tests that follow."""
+    from ray import serve
+
+    while _LIVE:
+        serve.delete(_LIVE.pop())
+
+
 @pytest.fixture(scope="session")
 def served(ray_cluster, tiny_jobs: dict[str, Path]):
     """Both applications on the session's Ray cluster, behind Serve's HTTP proxy, deployed
@@ -121,6 +133,7 @@ def served(ray_cluster, tiny_jobs: dict[str, Path]):
                  small_headers={"Authorization": f"Bearer {env_keys[0]}"} if env_keys else {})
     serve.run_many([serve.RunTarget(main, name=out.main_app, route_prefix="/"),
                     serve.RunTarget(small, name=out.small_app, route_prefix=SMALL_PREFIX)])
+    _LIVE.extend([out.main_app, out.small_app])
     deployed = time.perf_counter()
     warm_up(out)
     print(f"\nserve_fixtures: deployed in {deployed - started:.1f} s, models loaded in "
@@ -128,5 +141,4 @@ def served(ray_cluster, tiny_jobs: dict[str, Path]):
     try:
         yield out
     finally:
-        for app in (out.main_app, out.small_app):
-            serve.delete(app)
+        stop_served()

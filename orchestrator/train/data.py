@@ -47,8 +47,8 @@ def rank_dataset(shards: list[Shard], rank: int, world: int, in_object_store: bo
     """Rank ``rank``'s rows [rank*n, (rank+1)*n) as a Ray Dataset, in order.
 
     ``in_object_store``: read the slice here with pyarrow and hand it to Ray's object store
-    (``from_arrow``: no tasks to start, fast for data that is small next to the cluster's
-    memory). Otherwise a lazy ``read_parquet`` that streams the slice from storage each epoch.
+    (``from_blocks``: block metadata computed here, so no task needs a free CPU; fast for data
+    that is small next to the cluster's memory). Otherwise a lazy ``read_parquet`` that streams the slice from storage each epoch.
     """
     import ray.data
     from ray.data.expressions import col
@@ -62,7 +62,7 @@ def rank_dataset(shards: list[Shard], rank: int, world: int, in_object_store: bo
             table = pq.read_table(io.BytesIO(storage.read_bytes(s.uri)), columns=["row", *COLUMNS])
             start = max(lo - s.first_row, 0)
             tables.append(table.slice(start, min(hi - s.first_row, s.rows) - start))
-        return ray.data.from_arrow(tables)
+        return ray.data.from_blocks(tables)
     fs, _ = storage.filesystem(mine[0].uri)
     paths = [storage.filesystem(s.uri)[1] for s in mine]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["row", *COLUMNS])
