@@ -27,12 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = ["the", "parcel", "invoice", "refund", "courier", "account", "password", "screen", "crash", "late", "charged", "twice", "sync", "feature", "tracking", "number", "email", "reset", "blank", "error", "payment", "declined", "shipment", "team", "please", "help"]
 
 
-def synthetic_dataset(path: Path, n: int, seed: int = 0) -> None:
-    """Prompt/completion pairs of a realistic spread of lengths (20 to 400 words)."""
+def synthetic_dataset(path: Path, n: int, max_words: int, seed: int = 0) -> None:
+    """Prompt/completion pairs of a realistic spread of lengths (20 to ``max_words`` words)."""
     rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(n):
-            body = " ".join(rng.choice(WORDS) for _ in range(int(rng.lognormvariate(4, 0.6)) % 400 + 20))
+            body = " ".join(rng.choice(WORDS) for _ in range(int(rng.lognormvariate(4, 0.6)) % (max_words - 20) + 20))
             f.write(json.dumps({"prompt": f"{body}\n\n###\n\n", "completion": f" {rng.choice(WORDS)}<|endoftext|>"}) + "\n")
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     from orchestrator import checkpoints, storage
 
     work = Path(tempfile.mkdtemp(prefix="forge-overhead-"))
-    synthetic_dataset(work / "train.jsonl", args.examples)
+    synthetic_dataset(work / "train.jsonl", args.examples, max_words=args.seq // 2)
     job = work / "job.yaml"
     job.write_text(json.dumps({
         "name": "overhead", "storage": str(work / "store"), "model": {"base": args.model},
