@@ -302,16 +302,27 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
         node[last] = parsed
 
 
+class InvalidYaml(ValueError):
+    """Text that is not YAML; the message names the line."""
+
+
+def load_yaml(text: str) -> tuple[Any, Any]:
+    """(node tree, data) of YAML text: the nodes give a field's line."""
+    try:
+        return yaml.compose(text), yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "unknown line"
+        raise InvalidYaml(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+
+
 def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | None = None,
                base_dir: str | None = None) -> JobSpec:
     """Validate YAML text into a JobSpec; relative local paths resolve against ``base_dir``."""
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "unknown line"
-        raise SpecError(source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+        root, raw = load_yaml(text)
+    except InvalidYaml as e:
+        raise SpecError(source, [str(e)]) from None
     if raw is None:
         raise SpecError(source, ["the file is empty; a job needs at least name, dataset and test_prompts"])
     return spec_from_raw(raw, root, source, overrides, base_dir)

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import JobSpec, spec_from_raw, yaml_line
+from orchestrator.spec import InvalidYaml, JobSpec, load_yaml, spec_from_raw, yaml_line
 
 BATCH_KEYS = {"defaults", "jobs"}
 
@@ -87,12 +87,9 @@ def _load_file(path: Path, overrides: list[str] | None) -> list[BatchJob]:
     except UnicodeDecodeError as e:
         return [BatchJob(src, None, None, problems=[f"not UTF-8 at byte {e.start}: save the file as UTF-8"])]
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "unknown line"
-        return [BatchJob(src, None, None, problems=[f"{where}: not valid YAML: {getattr(e, 'problem', e)}"])]
+        root, raw = load_yaml(text)
+    except InvalidYaml as e:
+        return [BatchJob(src, None, None, problems=[str(e)])]
     if raw is None:
         return [BatchJob(src, None, None, problems=["the file is empty"])]
     base_dir = str(path.parent.resolve())
