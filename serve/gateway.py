@@ -157,10 +157,16 @@ class Gateway:
     async def _call(self, name: str, method: str, payload: Any) -> dict[str, Any]:
         response = self._model.options(multiplexed_model_id=name, method_name=method).remote(
             payload)
+        return await self._answer(response, response)
+
+    async def _answer(self, answer: Any, pending: Any) -> dict[str, Any]:
+        """The model's ``answer`` (a reply or a stream's first chunk) within the time limit, past
+        which ``pending`` is cancelled; Ray's failures and the model's error replies raised as
+        ServeErrors."""
         try:
-            result = await asyncio.wait_for(response, self._wait_s())
+            result = await asyncio.wait_for(answer, self._wait_s())
         except asyncio.TimeoutError:
-            response.cancel()
+            pending.cancel()
             raise Timeout(f"no answer within request_timeout_s={self._timeout} s") from None
         except Exception as e:
             raise ray_error(e) from None
@@ -231,15 +237,7 @@ class Gateway:
         """Open the stream; errors before the first token are plain HTTP errors."""
         gen = self._model.options(multiplexed_model_id=req.model, method_name="stream",
                                   stream=True).remote(call)
-        try:
-            first = await asyncio.wait_for(gen.__anext__(), self._wait_s())
-        except asyncio.TimeoutError:
-            gen.cancel()
-            raise Timeout(f"no answer within request_timeout_s={self._timeout} s") from None
-        except Exception as e:
-            raise ray_error(e) from None
-        if "error" in first:
-            raise ServeError.from_dict(first["error"])
+        await self._answer(gen.__anext__(), gen)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         events = self._events(gen, req.model, req.logprobs is not None, include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
