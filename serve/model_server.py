@@ -10,6 +10,7 @@ turns them into HTTP responses without unpickling exception types.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -176,53 +177,52 @@ class ModelServer:
             raise ServeError(503, "the model was unloaded while generating; retry",
                              code="unavailable", retry_after_s=1)
 
+    @contextlib.asynccontextmanager
+    async def _generation(self, call: GenerateCall, stream: bool):
+        """(queue, row ids, prompts) of ``call`` submitted to the engine; on the way out the rows
+        are cancelled: a no-op for finished ones, and frees their slots if we were cancelled."""
+        engine = await self._engine()
+        prompts = await self._prompts(engine, call)
+        queue, ids = self._submit(engine, call, prompts, stream=stream)
+        try:
+            yield queue, ids, prompts
+        finally:
+            if ids:
+                engine.cancel(ids)
+
     async def complete(self, call: GenerateCall) -> dict[str, Any]:
         """All completions of a request: ``choices`` in prompt-major order, and token counts."""
-        ids: list[int] = []
-        engine = None
         try:
-            engine = await self._engine()
-            prompts = await self._prompts(engine, call)
-            queue, ids = self._submit(engine, call, prompts, stream=False)
-            choices: list[dict[str, Any] | None] = [None] * len(ids)
-            completion_tokens = 0
-            for _ in ids:
-                index, u = await queue.get()
-                self._check(u)
-                choices[index] = _choice(index, u)
-                completion_tokens += u.completion_tokens
-            return {"choices": choices, "prompt_tokens": sum(map(len, prompts)),
-                    "completion_tokens": completion_tokens}
+            async with self._generation(call, stream=False) as (queue, ids, prompts):
+                choices: list[dict[str, Any] | None] = [None] * len(ids)
+                completion_tokens = 0
+                for _ in ids:
+                    index, u = await queue.get()
+                    self._check(u)
+                    choices[index] = _choice(index, u)
+                    completion_tokens += u.completion_tokens
+                return {"choices": choices, "prompt_tokens": sum(map(len, prompts)),
+                        "completion_tokens": completion_tokens}
         except ServeError as e:
             return {"error": e.to_dict()}
-        finally:
-            if engine is not None and ids:
-                engine.cancel(ids)  # no-op for finished rows; frees slots if we were cancelled
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[dict[str, Any]]:
         """Text as it is generated: ``{"choices": [...]}`` chunks, then ``{"usage": ...}``."""
-        ids: list[int] = []
-        engine = None
         try:
-            engine = await self._engine()
-            prompts = await self._prompts(engine, call)
-            queue, ids = self._submit(engine, call, prompts, stream=True)
-            yield {"started": True}
-            left, completion_tokens = len(ids), 0
-            while left:
-                index, u = await queue.get()
-                self._check(u)
-                if u.finish_reason is not None:
-                    left -= 1
-                    completion_tokens += u.completion_tokens
-                yield {"choices": [_choice(index, u)]}
-            yield {"usage": {"prompt_tokens": sum(map(len, prompts)),
-                             "completion_tokens": completion_tokens}}
+            async with self._generation(call, stream=True) as (queue, ids, prompts):
+                yield {"started": True}
+                left, completion_tokens = len(ids), 0
+                while left:
+                    index, u = await queue.get()
+                    self._check(u)
+                    if u.finish_reason is not None:
+                        left -= 1
+                        completion_tokens += u.completion_tokens
+                    yield {"choices": [_choice(index, u)]}
+                yield {"usage": {"prompt_tokens": sum(map(len, prompts)),
+                                 "completion_tokens": completion_tokens}}
         except ServeError as e:
             yield {"error": e.to_dict()}
-        finally:
-            if engine is not None and ids:
-                engine.cancel(ids)
 
     async def embed(self, call: EmbedCall) -> dict[str, Any]:
         """Mean-pooled, L2-normalised last hidden states of every input."""
