@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from serve.errors import BadRequest
 
@@ -150,6 +150,14 @@ class SeedEmbed(_Strict):
         return v
 
 
+# OpenAI fields these models cannot honour: a truthy value is refused with this message.
+UNSUPPORTED = {
+    "echo": "echo is not supported; the prompt is never repeated in the output",
+    "suffix": "suffix is not supported (these models do not insert text)",
+    "logit_bias": "logit_bias is not supported; leave it out or send {}",
+}
+
+
 class OpenAICompletion(_Strict):
     """OpenAI's legacy completions body; ``top_k`` and ``repetition_penalty`` are extensions."""
 
@@ -184,25 +192,11 @@ class OpenAICompletion(_Strict):
     def _stop(cls, v: str | list[str] | None) -> list[str]:
         return _check_stops([v] if isinstance(v, str) else list(v or []))
 
-    @field_validator("echo")
+    @field_validator(*UNSUPPORTED)
     @classmethod
-    def _echo(cls, v: bool | None) -> bool | None:
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         if v:
-            raise ValueError("echo is not supported; the prompt is never repeated in the output")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix is not supported (these models do not insert text)")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported; leave it out or send {}")
+            raise ValueError(UNSUPPORTED[info.field_name])
         return v
 
     @field_validator("stream_options")
