@@ -130,13 +130,9 @@ def cancel(uri: str, record: dict[str, Any], view: RayView, timeout_s: float = 1
     if record.get("status") in records.TERMINAL:
         log(f"{name}: already {record['status']}")
         return record
-    sid = record.get("submission_id")
-    if not sid:
-        raise ForgeError(f"{name}: not submitted with `forge submit` (no submission id): stop the `forge train` "
-                         "process that runs it (Ctrl-C or SIGTERM records it cancelled)")
-    address = view.address_of(record)
-    client = view.client(address, strict=True)
-    ray = view.job(record)
+    sid, address, client, ray = _on_cluster(
+        record, view, f"{name}: not submitted with `forge submit` (no submission id): stop the `forge train` "
+                      "process that runs it (Ctrl-C or SIGTERM records it cancelled)")
     if ray is not None and ray.status is None:  # not submitted yet (waiting for its dispatcher)
         record.update(status="cancelled", error="Cancelled: cancelled before it started", finished=time.time())
         records.write_record(uri, record)
@@ -157,6 +153,16 @@ def cancel(uri: str, record: dict[str, Any], view: RayView, timeout_s: float = 1
     return settle(uri, records.read_record(uri) or record, view)[0]
 
 
+def _on_cluster(record: dict[str, Any], view: RayView, not_submitted: str) -> tuple[str, str, Any, Any]:
+    """(submission id, cluster address, Jobs API client, Ray's view of the job) of a job that
+    `forge submit` submitted; ``not_submitted`` is the error for one it did not."""
+    sid = record.get("submission_id")
+    if not sid:
+        raise ForgeError(not_submitted)
+    address = view.address_of(record)
+    return sid, address, view.client(address, strict=True), view.job(record)
+
+
 def _submitted_meanwhile(client: Any, sid: str) -> bool:
     try:
         client.get_job_status(sid)
@@ -169,13 +175,9 @@ def print_logs(record: dict[str, Any], view: RayView, follow: bool = False, tail
                out: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush())) -> None:
     """The Ray job's driver output (``forge train``'s progress lines); ``follow`` streams it until
     the job ends."""
-    sid = record.get("submission_id")
-    if not sid:
-        raise ForgeError(f"{record.get('name')}: not submitted with `forge submit`, so Ray has no logs of it; "
-                         "its output went to the terminal that ran `forge train`")
-    address = view.address_of(record)
-    client = view.client(address, strict=True)
-    ray = view.job(record)
+    sid, address, client, ray = _on_cluster(
+        record, view, f"{record.get('name')}: not submitted with `forge submit`, so Ray has no logs of it; "
+                      "its output went to the terminal that ran `forge train`")
     if ray is not None and ray.status is None:
         raise ForgeError(f"{record.get('name')}: no logs on {address}: the job is {record.get('status')} and "
                          "Ray has no such job (not submitted yet, or the cluster was restarted)")
