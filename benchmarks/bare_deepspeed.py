@@ -9,19 +9,17 @@ RankSlices gives it), collates them as forge does, and times the steps after a w
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
 
 import deepspeed
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from orchestrator import storage
 from orchestrator.spec import JobSpec
-from orchestrator.train.data import collate, rows_per_rank, shards_of
+from orchestrator.train.data import COLUMNS, collate, read_shard, rows_per_rank, shards_of
 from orchestrator.train.deepspeed_config import build_ds_config
 from orchestrator.train.loop import load_model
 
@@ -36,8 +34,7 @@ def my_rows(record: dict, rank: int, world: int) -> list[dict]:
     for s in shards:
         if s.first_row + s.rows <= rank * n or s.first_row >= (rank + 1) * n:
             continue
-        rows += pq.read_table(io.BytesIO(storage.read_bytes(s.uri)), columns=["row", "input_ids", "labels",
-                                                                            "position_ids"]).to_pylist()
+        rows += read_shard(s.uri, ["row", *COLUMNS]).to_pylist()
     return [r for r in rows if rank * n <= r["row"] < (rank + 1) * n]
 
 

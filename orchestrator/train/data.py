@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
@@ -28,6 +29,11 @@ class Shard:
     uri: str
     first_row: int
     rows: int
+
+
+def read_shard(uri: str, columns: list[str]) -> pa.Table:
+    """Those columns of one prepared Parquet shard (one storage read, local or s3://)."""
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
 
 
 def shards_of(prepared_uri: str, manifest: dict[str, Any], split: str) -> list[Shard]:
@@ -59,7 +65,7 @@ def rank_dataset(shards: list[Shard], rank: int, world: int, in_object_store: bo
     if in_object_store:
         tables = []
         for s in mine:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(s.uri)), columns=["row", *COLUMNS])
+            table = read_shard(s.uri, ["row", *COLUMNS])
             start = max(lo - s.first_row, 0)
             tables.append(table.slice(start, min(hi - s.first_row, s.rows) - start))
         return ray.data.from_blocks(tables)
@@ -145,6 +151,6 @@ def read_validation(shards: list[Shard], rank: int, world: int, max_examples: in
     for s in shards:
         if len(rows) >= max_examples:
             break
-        table = pq.read_table(io.BytesIO(storage.read_bytes(s.uri)), columns=COLUMNS)
+        table = read_shard(s.uri, COLUMNS)
         rows.extend(table.slice(0, max_examples - len(rows)).to_pylist())
     return rows[rank::world]

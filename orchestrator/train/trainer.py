@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -157,11 +158,11 @@ class Cancelled(KeyboardInterrupt):
     """SIGTERM (``forge jobs cancel``, Ray's job stop): stop cleanly and record ``cancelled``."""
 
 
-_SIGTERMS: list[float] = []  # when SIGTERM arrived, so the record says why even if Ray swapped the exception
+_SIGTERM = threading.Event()  # set when SIGTERM came, so the record says why even if Ray swapped the exception
 
 
 def _on_sigterm(*_: Any) -> None:
-    _SIGTERMS.append(time.time())
+    _SIGTERM.set()
     raise Cancelled("cancelled (SIGTERM)")
 
 
@@ -184,7 +185,7 @@ def run_training(spec: JobSpec, address: str | None = None, overwrite: bool = Fa
         init_ray(spec, address, log=log)
         # After ray.init, which installs a SIGTERM handler of its own that exits with status 1.
         previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
-        _SIGTERMS.clear()
+        _SIGTERM.clear()
         data, plan, loop_config = _prepare(spec, record, log, wandb_dir)
         latest = checkpoints.latest_committed(job_uri)
         if latest is not None:
@@ -202,7 +203,7 @@ def run_training(spec: JobSpec, address: str | None = None, overwrite: bool = Fa
         record["status"] = "succeeded"
     except BaseException as e:
         # A signal that lands inside ray.get comes back as a bare KeyboardInterrupt from Ray's core.
-        if isinstance(e, KeyboardInterrupt) and _SIGTERMS and not isinstance(e, Cancelled):
+        if isinstance(e, KeyboardInterrupt) and _SIGTERM.is_set() and not isinstance(e, Cancelled):
             e = Cancelled("cancelled (SIGTERM)")
         record.update(status="cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
                       error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20))
